@@ -1,0 +1,351 @@
+"""The kohya-style training config: the keys sd-scripts' ``train_network.py`` reads, loaded strictly.
+
+A config is a TOML file; its ``[sections]`` are only grouping, as in sd-scripts (``--config_file``
+flattens them). Every key must be a field of :class:`TrainingConfig`, and every field is named after a
+``train_network.py`` argument, so a file written from this class also works with sd-scripts.
+Defaults are sd-scripts' defaults where it has one, so a key left out means what it means there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import toml
+
+from training.atomic import atomic_write_text
+from training.errors import ConfigError
+
+SECTIONS = ("model", "network", "optimizer", "training", "dataset", "saving")
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit", "Prodigy", "AdaFactor")
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+# Every argument name of sd-scripts' train_network.py (read from its argparse set-up). A key from this
+# list that is not a TrainingConfig field is "not supported" rather than "unknown".
+_KOHYA_ARGS_FILE = Path(__file__).with_name("kohya_args.txt")
+
+
+def _opt(default: Any, section: str, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"section": section, "help": help})
+    return field(default=default, metadata={"section": section, "help": help})
+
+
+@dataclass
+class TrainingConfig:
+    """One LoRA training run, in sd-scripts' argument names."""
+
+    # model
+    pretrained_model_name_or_path: str = _opt("", "model", "SD 1.x/SDXL .safetensors/.ckpt file or diffusers folder")
+    v2: bool = _opt(False, "model", "the checkpoint is Stable Diffusion 2.x")
+    v_parameterization: bool = _opt(False, "model", "the model predicts v (SD 2.x 768-v); loss uses v targets")
+    vae: Optional[str] = _opt(None, "model", "separate VAE file or folder replacing the checkpoint's")
+    no_half_vae: bool = _opt(False, "model", "keep the VAE in float32 (avoids NaN with the SDXL VAE in fp16)")
+    clip_skip: Optional[int] = _opt(None, "model", "use the output of the n-th last text-encoder layer")
+    max_token_length: Optional[int] = _opt(None, "model", "75, 150 or 225 caption tokens")
+
+    # network
+    network_module: str = _opt("networks.lora", "network", "only networks.lora (kohya LoRA) is supported")
+    network_dim: int = _opt(4, "network", "LoRA rank")
+    network_alpha: float = _opt(1.0, "network", "LoRA alpha; the update is scaled by alpha / dim")
+    network_dropout: Optional[float] = _opt(None, "network", "dropout on the LoRA down projection's output")
+    network_args: list = _opt([], "network", "extra network options as key=value strings")
+    network_weights: Optional[str] = _opt(None, "network", "LoRA file to start from")
+    network_train_unet_only: bool = _opt(False, "network", "train the UNet LoRA only")
+    network_train_text_encoder_only: bool = _opt(False, "network", "train the text-encoder LoRA only")
+
+    # optimizer and schedule
+    optimizer_type: str = _opt("AdamW", "optimizer", "one of " + ", ".join(OPTIMIZERS))
+    optimizer_args: list = _opt([], "optimizer", 'extra optimizer arguments, e.g. ["weight_decay=0.01"]')
+    learning_rate: float = _opt(2e-6, "optimizer", "base learning rate (UNet lr when unet_lr is unset)")
+    unet_lr: Optional[float] = _opt(None, "optimizer", "UNet LoRA learning rate")
+    text_encoder_lr: Optional[float] = _opt(None, "optimizer", "text-encoder LoRA learning rate")
+    lr_scheduler: str = _opt("constant", "optimizer", "one of " + ", ".join(SCHEDULERS))
+    lr_scheduler_num_cycles: int = _opt(1, "optimizer", "restarts of cosine_with_restarts")
+    lr_scheduler_power: float = _opt(1.0, "optimizer", "power of the polynomial scheduler")
+    lr_warmup_steps: int = _opt(0, "optimizer", "linear warmup steps")
+    max_grad_norm: float = _opt(1.0, "optimizer", "gradient clipping norm; 0 disables")
+
+    # training
+    max_train_epochs: Optional[int] = _opt(None, "training", "epochs; overrides max_train_steps")
+    max_train_steps: int = _opt(1600, "training", "optimizer steps when max_train_epochs is unset")
+    train_batch_size: int = _opt(1, "training", "images per batch")
+    gradient_accumulation_steps: int = _opt(1, "training", "batches per optimizer step")
+    gradient_checkpointing: bool = _opt(False, "training", "recompute activations to save memory")
+    mixed_precision: str = _opt("no", "training", "no, fp16 or bf16")
+    full_fp16: bool = _opt(False, "training", "keep LoRA weights in fp16 too")
+    full_bf16: bool = _opt(False, "training", "keep LoRA weights in bf16 too")
+    save_precision: Optional[str] = _opt(None, "training", "dtype of saved LoRA files: float, fp16 or bf16")
+    seed: Optional[int] = _opt(None, "training", "random seed")
+    sdpa: bool = _opt(False, "training", "PyTorch scaled-dot-product attention (always used here)")
+    xformers: bool = _opt(False, "training", "refused: lora-search uses PyTorch SDPA")
+    min_snr_gamma: Optional[float] = _opt(None, "training", "min-SNR loss weighting gamma; 0 or unset disables")
+    noise_offset: Optional[float] = _opt(None, "training", "noise offset strength")
+    max_data_loader_n_workers: int = _opt(8, "training", "data loader worker processes")
+    persistent_data_loader_workers: bool = _opt(False, "training", "keep data loader workers between epochs")
+
+    # dataset
+    train_data_dir: Optional[str] = _opt(None, "dataset", "folder of N_name subfolders (N = repeats)")
+    resolution: Optional[str] = _opt(None, "dataset", '"W,H" or "S" training resolution')
+    caption_extension: str = _opt(".caption", "dataset", "caption file extension")
+    keep_tokens: int = _opt(0, "dataset", "leading caption tags never shuffled")
+    shuffle_caption: bool = _opt(False, "dataset", "shuffle comma-separated caption tags")
+    caption_dropout_rate: float = _opt(0.0, "dataset", "probability of training on an empty caption")
+    flip_aug: bool = _opt(False, "dataset", "random horizontal flips")
+    color_aug: bool = _opt(False, "dataset", "random hue shifts")
+    enable_bucket: bool = _opt(False, "dataset", "aspect-ratio buckets")
+    min_bucket_reso: int = _opt(256, "dataset", "smallest bucket side")
+    max_bucket_reso: int = _opt(1024, "dataset", "largest bucket side")
+    bucket_reso_steps: int = _opt(64, "dataset", "bucket side granularity")
+    bucket_no_upscale: bool = _opt(False, "dataset", "never upscale images to fill a bucket")
+    cache_latents: bool = _opt(False, "dataset", "encode images with the VAE once")
+    cache_latents_to_disk: bool = _opt(False, "dataset", "keep cached latents on disk for later runs")
+    vae_batch_size: int = _opt(1, "dataset", "images per VAE batch when caching latents")
+
+    # saving and sampling
+    output_dir: Optional[str] = _opt(None, "saving", "where checkpoints, samples and state go")
+    output_name: Optional[str] = _opt(None, "saving", "checkpoint file name stem")
+    save_model_as: str = _opt("safetensors", "saving", "only safetensors")
+    save_every_n_epochs: Optional[int] = _opt(None, "saving", "write a numbered checkpoint every n epochs")
+    save_state: bool = _opt(False, "saving", "write a resumable training state with each checkpoint")
+    sample_prompts: Optional[str] = _opt(None, "saving", "kohya prompt file for sample images")
+    sample_every_n_epochs: Optional[int] = _opt(None, "saving", "sample images every n epochs")
+    sample_sampler: str = _opt("ddim", "saving", "sampler for sample images")
+    logging_dir: Optional[str] = _opt(None, "saving", "training log folder")
+    training_comment: Optional[str] = _opt(None, "saving", "stored in the LoRA metadata")
+    metadata_trigger_phrase: Optional[str] = _opt(None, "saving", "trigger words; replaces {trigger} in prompts")
+
+    def __post_init__(self) -> None:
+        for check in _VALUE_CHECKS:
+            check(self)
+
+    @property
+    def effective_unet_lr(self) -> float:
+        """The UNet's learning rate as sd-scripts applies it: ``unet_lr`` when set, else ``learning_rate``."""
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
+    def to_dict(self, include_defaults: bool = True) -> dict[str, Any]:
+        """The config as flat kohya keys; ``None`` values are left out (TOML has no null)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if not include_defaults and value == _default_of(f):
+                continue
+            out[f.name] = value
+        return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def _bad(key: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r}: {fix}")
+
+
+def _check_choices(cfg: TrainingConfig) -> None:
+    lookup = {name.lower(): name for name in OPTIMIZERS}
+    canonical = lookup.get(cfg.optimizer_type.lower())
+    if canonical is None:
+        raise _bad("optimizer_type", cfg.optimizer_type, "use one of " + ", ".join(OPTIMIZERS))
+    cfg.optimizer_type = canonical
+    if cfg.lr_scheduler not in SCHEDULERS:
+        raise _bad("lr_scheduler", cfg.lr_scheduler, "use one of " + ", ".join(SCHEDULERS))
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise _bad("mixed_precision", cfg.mixed_precision, "use no, fp16 or bf16")
+    if cfg.save_precision not in (None, "float", "fp16", "bf16"):
+        raise _bad("save_precision", cfg.save_precision, "use float, fp16 or bf16")
+    if cfg.network_module != "networks.lora":
+        raise _bad("network_module", cfg.network_module, 'only "networks.lora" (kohya LoRA) is supported')
+    if cfg.save_model_as != "safetensors":
+        raise _bad("save_model_as", cfg.save_model_as, 'only "safetensors" is written')
+    if cfg.xformers:
+        raise _bad("xformers", True, "xformers is not used; attention runs on PyTorch SDPA: set xformers = false")
+    if cfg.max_token_length not in (None, 75, 150, 225):
+        raise _bad("max_token_length", cfg.max_token_length, "use 75, 150 or 225")
+
+
+def _check_numbers(cfg: TrainingConfig) -> None:
+    positive_ints = ("network_dim", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                     "lr_scheduler_num_cycles", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                     "vae_batch_size")
+    for key in positive_ints:
+        if getattr(cfg, key) < 1:
+            raise _bad(key, getattr(cfg, key), "must be at least 1")
+    for key in ("max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "clip_skip"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise _bad(key, value, "must be at least 1 (or left out)")
+    for key in ("lr_warmup_steps", "keep_tokens", "max_data_loader_n_workers"):
+        if getattr(cfg, key) < 0:
+            raise _bad(key, getattr(cfg, key), "must not be negative")
+    for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        value = getattr(cfg, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise _bad(key, value, "must be a finite number >= 0")
+    for key in ("network_alpha", "max_grad_norm", "min_snr_gamma", "noise_offset", "lr_scheduler_power"):
+        value = getattr(cfg, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise _bad(key, value, "must be a finite number >= 0")
+    for key in ("network_dropout", "caption_dropout_rate"):
+        value = getattr(cfg, key)
+        if value is not None and not 0 <= value < 1:
+            raise _bad(key, value, "must be in [0, 1)")
+    if cfg.min_bucket_reso > cfg.max_bucket_reso:
+        raise _bad("min_bucket_reso", cfg.min_bucket_reso, f"must not exceed max_bucket_reso ({cfg.max_bucket_reso})")
+    if cfg.resolution is not None:
+        parse_resolution(cfg.resolution)
+
+
+def _check_key_value_lists(cfg: TrainingConfig) -> None:
+    for key in ("optimizer_args", "network_args"):
+        for item in getattr(cfg, key):
+            if not isinstance(item, str) or "=" not in item:
+                raise _bad(key, item, 'write each entry as "name=value"')
+
+
+_VALUE_CHECKS = (_check_choices, _check_numbers, _check_key_value_lists)
+
+
+def parse_resolution(value: str) -> tuple[int, int]:
+    """``"512"`` or ``"512,768"`` (width, height) as kohya reads ``resolution``."""
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise _bad("resolution", value, 'write "512" or "512,768"') from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 64:
+        raise _bad("resolution", value, 'write "512" or "512,768" (each side at least 64)')
+    return sizes[0], sizes[1]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+_HINTS = typing.get_type_hints(TrainingConfig)
+
+
+def kohya_argument_names() -> frozenset[str]:
+    """Every argument name sd-scripts' ``train_network.py`` accepts (read from its parser)."""
+    return frozenset(_KOHYA_ARGS_FILE.read_text().split())
+
+
+def _coerce(key: str, value: Any) -> Any:
+    hint = _HINTS[key]
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(key, value, "write true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _bad(key, value, "write a whole number")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad(key, value, "write a number")
+    if hint is str:
+        if key == "resolution" and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise _bad(key, value, "write a quoted string")
+    if hint is list:
+        if isinstance(value, list):
+            return value
+        raise _bad(key, value, 'write a list, e.g. ["name=value"]')
+    raise AssertionError(f"unhandled type for {key}: {hint}")
+
+
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    """The error for a key that is not a :class:`TrainingConfig` field, with the nearest valid name."""
+    if key in kohya_argument_names():
+        return ConfigError(f"{where}: '{key}' is an sd-scripts option lora-search does not support; remove it")
+    near = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"did you mean '{near[0]}'?" if near else "remove it"
+    return ConfigError(f"{where}: unknown key '{key}'; {hint}")
+
+
+def flatten_sections(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Merge ``[section]`` tables into one flat dict, as sd-scripts does; a key set twice is an error."""
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(name, value)]
+        for key, item in items:
+            if isinstance(item, dict):
+                raise ConfigError(f"{where}: [{name}.{key}] nests too deep; kohya configs use one level of sections")
+            if key in flat:
+                raise ConfigError(f"{where}: '{key}' is set twice; keep one")
+            flat[key] = item
+    return flat
+
+
+def config_from_dict(flat: dict[str, Any], where: str = "config") -> TrainingConfig:
+    """Build a config from flat kohya keys, rejecting unknown keys and ill-typed values."""
+    values = {}
+    for key, value in flat.items():
+        if key not in FIELDS:
+            raise unknown_key_error(key, where)
+        values[key] = _coerce(key, value)
+    try:
+        return TrainingConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file, turning a missing or malformed file into one clear :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} not found; check the path")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; give a TOML config") from None
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    """Read a kohya-style training TOML strictly."""
+    return config_from_dict(flatten_sections(read_toml(path, "training config"), str(path)), str(path))
+
+
+def dumps_config(values: dict[str, Any], header: str = "") -> str:
+    """Flat kohya keys as TOML grouped into the usual sections (keys not in the schema go last)."""
+    groups: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if value is None:
+            continue
+        section = FIELDS[key].metadata["section"] if key in FIELDS else "training"
+        groups[section][key] = value
+    body = toml.dumps({name: items for name, items in groups.items() if items})
+    return (header + "\n" if header else "") + body
+
+
+def write_config(path: str | Path, values: dict[str, Any], header: str = "") -> Path:
+    """Write a training TOML atomically."""
+    return atomic_write_text(Path(path), dumps_config(values, header))
