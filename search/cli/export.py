@@ -1,0 +1,29 @@
+"""``lora-search export --out FILE.toml [--trial N]``: the best (or named) trial as a production config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from search.cli._common import add_study_options, settings_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="write the best (or a named) trial as a complete training config")
+    add_study_options(parser)
+    parser.add_argument("--out", required=True, metavar="FILE.toml", help="where to write the config")
+    parser.add_argument("--trial", type=int, default=None, metavar="N", help="trial number (default: the best)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.export import export_trial
+    from search.study import open_study
+    from search.trial_config import load_base_values
+
+    settings = settings_from_args(args)
+    study = open_study(settings, create=False)
+    trial = export_trial(study, load_base_values(settings.study.base_config), Path(args.out), args.trial)
+    print(f"wrote {args.out} from trial {trial.number} (score {trial.value}); "
+          f"check it with: lora-search check {args.out}")
+    return 0

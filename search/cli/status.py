@@ -1,0 +1,23 @@
+"""``lora-search status``: a table of the study's trials."""
+
+from __future__ import annotations
+
+import argparse
+
+from search.cli._common import add_study_options, settings_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("status", help="table of trials: state, params, score, best epoch, prune reason")
+    add_study_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.status import status_text
+    from search.study import open_study
+
+    settings = settings_from_args(args)
+    study = open_study(settings, create=False)
+    print(status_text(study, settings.study.n_trials))
+    return 0

@@ -1,0 +1,148 @@
+"""``configs/study.toml``: study name, storage, budget, sampler, pruner, trainer backend, scorer, paths.
+
+Loaded strictly: every section and key is a dataclass field; anything else is an error naming the
+nearest valid key. Relative paths are relative to the directory lora-search runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from training.config import read_toml
+from training.errors import ConfigError
+
+PRUNERS = ("median", "none", "hyperband", "successive_halving")
+BACKENDS = ("builtin", "kohya")
+SCORERS = ("clip", "command")
+
+
+@dataclass
+class StudySection:
+    name: str = "lora-search"
+    storage: str = ""  # empty: SQLite at runs_dir/<name>/study.db
+    n_trials: int = 20  # trials that train; constraint rejections do not count
+    seed: int = 42
+    direction: str = "maximize"
+    runs_dir: str = "runs"
+    base_config: str = "configs/base.toml"
+    search_space: str = "configs/search_space.toml"
+    evaluator_config: str = "configs/evaluator.toml"
+    heartbeat_interval: int = 60  # seconds; RDB storages only
+    grace_period: int = 300  # a RUNNING trial silent this long is stale
+
+
+@dataclass
+class SamplerSection:
+    n_startup_trials: int = 5
+    multivariate: bool = True
+    group: bool = True
+    constant_liar: bool = True
+
+
+@dataclass
+class PrunerSection:
+    type: str = "median"
+    n_startup_trials: int = 3  # median: trials finished before pruning starts
+    n_warmup_steps: int = 4  # median: epochs before a trial can be pruned
+    interval_steps: int = 1
+    min_resource: int = 2  # hyperband / successive_halving, in epochs
+    reduction_factor: int = 3
+
+
+@dataclass
+class BackendSection:
+    type: str = "builtin"
+    # kohya: the sd-scripts command line; {config} is the trial's config.toml, {run_dir} its folder.
+    command: list = field(default_factory=lambda: [
+        "accelerate", "launch", "train_network.py", "--config_file", "{config}"])
+    poll_seconds: float = 2.0
+
+
+@dataclass
+class ScorerSection:
+    type: str = "clip"
+    # command: prints the checkpoint's score as the last line of its output;
+    # {checkpoint}, {epoch}, {run_dir} and {config} are filled in.
+    command: list = field(default_factory=list)
+
+
+@dataclass
+class StudySettings:
+    study: StudySection = field(default_factory=StudySection)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    pruner: PrunerSection = field(default_factory=PrunerSection)
+    backend: BackendSection = field(default_factory=BackendSection)
+    scorer: ScorerSection = field(default_factory=ScorerSection)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.pruner.type in PRUNERS, "pruner.type", self.pruner.type, ", ".join(PRUNERS)),
+            (self.backend.type in BACKENDS, "backend.type", self.backend.type, ", ".join(BACKENDS)),
+            (self.scorer.type in SCORERS, "scorer.type", self.scorer.type, ", ".join(SCORERS)),
+            (self.study.direction in ("maximize", "minimize"), "study.direction", self.study.direction,
+             "maximize or minimize"),
+            (self.study.n_trials >= 1, "study.n_trials", self.study.n_trials, "a number of at least 1"),
+            (self.sampler.n_startup_trials >= 0, "sampler.n_startup_trials", self.sampler.n_startup_trials,
+             "0 or more"),
+            (self.scorer.type != "command" or bool(self.scorer.command), "scorer.command", self.scorer.command,
+             "a command line such as [\"python\", \"score.py\", \"{checkpoint}\"]"),
+            (bool(self.study.name.strip()) and "/" not in self.study.name, "study.name", self.study.name,
+             "a non-empty name without '/'"),
+        ]
+        for ok, key, value, fix in checks:
+            if not ok:
+                raise ConfigError(f"{key} = {value!r}: use {fix}")
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.study.runs_dir) / self.study.name
+
+
+def _section(cls: type, data: Any, name: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else "remove it"
+            raise ConfigError(f"{where}: unknown key '{key}' in [{name}]; {hint}")
+        default = getattr(cls(), key)
+        if type(default) is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{where}: [{name}] {key} = {value!r} should be a {type(default).__name__}")
+    return cls(**data)
+
+
+def settings_from_dict(data: dict[str, Any], where: str = "study config") -> StudySettings:
+    sections = {f.name: f for f in dataclasses.fields(StudySettings)}
+    built = {}
+    for name, value in data.items():
+        if name not in sections:
+            near = difflib.get_close_matches(name, sections, n=1)
+            hint = f"did you mean [{near[0]}]?" if near else "remove it"
+            raise ConfigError(f"{where}: unknown section [{name}]; {hint}")
+        built[name] = _section(sections[name].default_factory, value, name, where)
+    try:
+        return StudySettings(**built)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_settings(path: Optional[str | Path], study: Optional[str] = None, storage: Optional[str] = None,
+                  n_trials: Optional[int] = None) -> StudySettings:
+    """Read ``study.toml`` (defaults when ``path`` is None) and apply command-line overrides."""
+    settings = settings_from_dict(read_toml(path, "study config"), str(path)) if path else StudySettings()
+    if study is not None:
+        settings.study.name = study
+    if storage is not None:
+        settings.study.storage = storage
+    if n_trials is not None:
+        settings.study.n_trials = n_trials
+    settings.__post_init__()
+    return settings

@@ -1,0 +1,75 @@
+"""The study at a glance: one row per trial, constraint rejection counts, the budget."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from search.worker import trained_count
+
+COLUMNS = ("trial", "state", "dim", "alpha", "lr", "epochs", "optimizer", "accum", "warmup", "score",
+           "best_ep", "note")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _note(trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    reason = attrs.get("prune_reason")
+    if reason == "constraint":
+        return "rejected: constraint " + ", ".join(str(i) for i in attrs.get("constraints_violated", []))
+    if reason:
+        return f"pruned: {reason}" if trial.state.name == "PRUNED" else reason
+    if "fail_reason" in attrs:
+        return "failed: " + attrs["fail_reason"]
+    return ""
+
+
+def trial_row(trial: FrozenTrial) -> list[str]:
+    config = trial.user_attrs.get("config", {})
+    p = {**config, **trial.params}
+    alpha = config.get("network_alpha")
+    return [_fmt(x) for x in (
+        trial.number, trial.state.name, p.get("network_dim"), int(alpha) if alpha is not None else None,
+        p.get("learning_rate"), p.get("max_train_epochs"), p.get("optimizer_type"),
+        p.get("gradient_accumulation_steps"), p.get("lr_warmup_steps"), trial.value,
+        trial.user_attrs.get("best_epoch"))] + [_note(trial)]
+
+
+def format_table(rows: list[list[str]], header: tuple[str, ...]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def constraint_counts(trials: list[FrozenTrial]) -> Counter:
+    counts: Counter = Counter()
+    for trial in trials:
+        counts.update(trial.user_attrs.get("constraints_violated", []))
+    return counts
+
+
+def status_text(study: optuna.Study, n_trials: int) -> str:
+    trials = study.get_trials(deepcopy=False)
+    out = [f"study '{study.study_name}': {trained_count(study)} of {n_trials} trials trained, "
+           f"{len(trials)} sampled"]
+    out.append(format_table([trial_row(t) for t in trials], COLUMNS))
+    counts = constraint_counts(trials)
+    rejected = sum(1 for t in trials if t.user_attrs.get("prune_reason") == "constraint")
+    summary = ", ".join(f"#{cid}: {counts[cid]}" for cid in sorted(counts)) or "none"
+    out.append(f"constraint rejections: {rejected} trial(s); by constraint {summary}")
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if complete:
+        best = study.best_trial
+        out.append(f"best: trial {best.number} score {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}")
+    return "\n".join(out)

@@ -1,0 +1,137 @@
+"""Study set-up: storage from a URL, the TPE sampler, the quality pruner, create or load.
+
+Storage URLs:
+
+- empty: SQLite at ``<runs_dir>/<study>/study.db`` - one worker, nothing to set up;
+- ``journal:PATH`` (or a path ending in ``.log``/``.journal``): Optuna's JournalStorage file - several
+  worker processes on one machine;
+- ``sqlite:///PATH``, ``postgresql://USER:PASS@HOST/DB``, ``mysql://...``: any SQLAlchemy URL Optuna's
+  RDBStorage accepts; PostgreSQL is the tested engine for workers on several machines.
+
+RDB storages get heartbeats (``heartbeat_interval``/``grace_period`` from study.toml), so a worker that
+dies leaves a trial that :func:`optuna.storages.fail_stale_trials` can fail and retry.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+from search.errors import StorageError, StudyError
+from search.settings import StudySettings
+
+# Heartbeats and TPE's group option are marked experimental; lora-search relies on both on purpose.
+# Workers use ask/tell and record heartbeats themselves (search.worker.heartbeat), which Optuna's
+# "supposed to be used with Study.optimize" warning does not know.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+_RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
+
+
+def storage_url(settings: StudySettings) -> str:
+    """The study's storage URL, with the default SQLite file made absolute."""
+    if settings.study.storage:
+        return settings.study.storage
+    return f"sqlite:///{(settings.study_dir / 'study.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _journal_path(url: str) -> Optional[Path]:
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    if "://" not in url and url.endswith((".log", ".journal")):
+        return Path(url)
+    return None
+
+
+def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStorage:
+    """Open (creating if needed) the storage behind ``url``; one clear error when it cannot be."""
+    journal = _journal_path(url)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(journal)))
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in _RDB_SCHEMES:
+        raise StorageError(
+            f"storage URL '{redact(url)}' is not understood; use sqlite:///PATH, "
+            "postgresql://USER:PASSWORD@HOST/DB or journal:PATH")
+    if scheme == "sqlite":
+        Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+    heartbeat = settings.study.heartbeat_interval if settings else 60
+    grace = settings.study.grace_period if settings else 300
+    engine_kwargs = {"connect_args": {"timeout": 30}} if scheme == "sqlite" else {"pool_pre_ping": True}
+    try:
+        return _rdb_with_retry(url, engine_kwargs, heartbeat, grace)
+    except ModuleNotFoundError as exc:
+        raise StorageError(f"storage '{redact(url)}' needs the Python package {exc.name}; "
+                           "pip install 'lora-search[postgres]'") from None
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot open storage '{redact(url)}': {first}; check the URL and that the "
+                           "database server is running") from None
+
+
+def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int, attempts: int = 4) -> RDBStorage:
+    """Open an RDB storage; workers started together may race to create the schema, so a failure
+    is retried a few times before it counts."""
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=grace)
+        except ModuleNotFoundError:
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
+    s = settings.sampler
+    return optuna.samplers.TPESampler(
+        n_startup_trials=s.n_startup_trials,
+        multivariate=s.multivariate,
+        group=s.group,
+        constant_liar=s.constant_liar,
+        seed=settings.study.seed,
+    )
+
+
+def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
+    p = settings.pruner
+    if p.type == "none":
+        return optuna.pruners.NopPruner()
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
+                                                      reduction_factor=p.reduction_factor)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+                                       interval_steps=p.interval_steps)
+
+
+def open_study(settings: StudySettings, create: bool = True) -> optuna.Study:
+    """Create the study or continue it; with ``create=False`` a missing study is an error."""
+    url = storage_url(settings)
+    storage = open_storage(url, settings)
+    name = settings.study.name
+    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings), pruner=make_pruner(settings))
+    if create:
+        return optuna.create_study(direction=settings.study.direction, load_if_exists=True, **kwargs)
+    try:
+        return optuna.load_study(**kwargs)
+    except KeyError:
+        raise StudyError(f"no study named '{name}' in {redact(url)}; start it with lora-search worker "
+                         "(or pass --study/--storage of an existing one)") from None

@@ -1,0 +1,213 @@
+"""A worker: pulls trials from the shared study until the budget is met.
+
+Each trial is sampled, checked against the seven safety constraints (a rejection is PRUNED at once and
+costs no budget), written as ``runs/<study>/trial_NNNN/config.toml``, trained by the backend, scored
+at every saved epoch (``trial.report(score, epoch)``; the pruner may stop it), and finished with its
+best epoch's score.
+
+The budget ``n_trials`` counts trials that trained: accepted trials in any state (complete, failed,
+pruned on quality, running). Several workers share it: a trial that passed the constraints takes a
+budget slot only if fewer than ``n_trials`` accepted trials have a lower trial number, so two workers
+racing for the last slot never both train.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.backends import make_backend
+from search.backends.base import TrainerBackend
+from search.constraints import describe, violations
+from search.errors import LoraSearchError, TrainingFailed
+from search.scoring import CheckpointScorer, EpochScore, make_scorer
+from search.settings import StudySettings
+from search.space import SearchSpace, load_search_space
+from search.study import open_study
+from search.trial_config import load_base_values, trial_values, write_trial_config
+from training.config import config_from_dict
+
+log = logging.getLogger("lora_search.worker")
+
+# How long a worker waits for lower-numbered trials that were just sampled to be accepted or rejected
+# before it counts budget slots (constraint checks take milliseconds; a worker that died meanwhile
+# must not block the others for ever).
+DECISION_WAIT_S = 15.0
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    return trial.user_attrs.get("accepted") is True and trial.user_attrs.get("prune_reason") != "budget"
+
+
+def trained_count(study: optuna.Study) -> int:
+    """Trials that used (or are using) a budget slot."""
+    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def _undecided_below(study: optuna.Study, number: int) -> bool:
+    return any(
+        t.number < number and t.state == TrialState.RUNNING and "accepted" not in t.user_attrs
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    )
+
+
+def claim_budget_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """Mark ``trial`` accepted and say whether it is within the budget (see the module docstring)."""
+    trial.set_user_attr("accepted", True)
+    deadline = time.monotonic() + DECISION_WAIT_S
+    while _undecided_below(study, trial.number) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ahead = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+    return ahead < n_trials
+
+
+@dataclass
+class TrialRun:
+    """What one accepted trial tracks while it trains."""
+
+    trial: optuna.Trial
+    run_dir: Path
+    config_path: Path
+    maximize: bool
+    best_epoch: Optional[int] = None
+    best_score: Optional[float] = None
+    best_checkpoint: Optional[Path] = None
+
+    def record(self, result: EpochScore, checkpoint: Path) -> None:
+        better = self.best_score is None or (
+            result.total > self.best_score if self.maximize else result.total < self.best_score)
+        scores = dict(self.trial.user_attrs.get("epoch_scores", {}))
+        scores[str(result.epoch)] = result.total
+        self.trial.set_user_attr("epoch_scores", scores)
+        if result.components:
+            self.trial.set_user_attr(f"components_e{result.epoch}", result.components)
+        if better:
+            self.best_epoch, self.best_score, self.best_checkpoint = result.epoch, result.total, checkpoint
+            self.trial.set_user_attr("best_epoch", result.epoch)
+            self.trial.set_user_attr("best_score", result.total)
+            self.trial.set_user_attr("best_checkpoint", str(checkpoint))
+
+
+class Worker:
+    """Runs trials of one study; ``run()`` returns when the budget is met."""
+
+    def __init__(self, settings: StudySettings, backend: Optional[TrainerBackend] = None,
+                 scorer: Optional[CheckpointScorer] = None):
+        self.settings = settings
+        self.space: SearchSpace = load_search_space(settings.study.search_space)
+        self.base: dict[str, Any] = load_base_values(settings.study.base_config)
+        self.study = open_study(settings)
+        self.backend = backend or make_backend(settings)
+        self.scorer = scorer or make_scorer(settings)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def study_dir(self) -> Path:
+        return self.settings.study_dir
+
+    def run(self, max_trials: Optional[int] = None) -> int:
+        """Work until the study's budget is met (or ``max_trials`` trials trained here); returns that count."""
+        trained = 0
+        while max_trials is None or trained < max_trials:
+            if trained_count(self.study) >= self.settings.study.n_trials:
+                log.info("budget of %d trained trials reached", self.settings.study.n_trials)
+                break
+            outcome = self.run_next()
+            if outcome == "budget":
+                break
+            trained += outcome != "rejected"
+        return trained
+
+    def run_next(self) -> str:
+        """Sample one trial and carry it through; returns what happened to it."""
+        trial = self.study.ask()
+        trial.set_user_attr("worker", self.name)
+        params = self.space.suggest(trial)
+        run_dir = self.study_dir / f"trial_{trial.number:04d}"
+        values = trial_values(self.base, params, run_dir)
+        fired = violations(config_from_dict(values, f"trial {trial.number}"))
+        if fired:
+            return self._reject(trial, fired)
+        if not claim_budget_slot(self.study, trial, self.settings.study.n_trials):
+            trial.set_user_attr("prune_reason", "budget")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return "budget"
+        return self._train(trial, values, run_dir)
+
+    def _reject(self, trial: optuna.Trial, fired) -> str:
+        trial.set_user_attr("constraints_violated", [c.id for c in fired])
+        trial.set_user_attr("constraint_reasons", [describe(c) for c in fired])
+        trial.set_user_attr("prune_reason", "constraint")
+        self.study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial %d rejected before training: %s", trial.number, "; ".join(describe(c) for c in fired))
+        return "rejected"
+
+    def _train(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path) -> str:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.toml"
+        header = f"# lora-search study '{self.settings.study.name}', trial {trial.number}: base config + sampled params"
+        cfg = write_trial_config(config_path, values, header)
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        trial.set_user_attr("config", values)
+        run = TrialRun(trial, run_dir, config_path, self.settings.study.direction == "maximize")
+        log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
+        try:
+            self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_checkpoint(run, epoch, ckpt))
+        except optuna.TrialPruned:
+            trial.set_user_attr("prune_reason", "quality")
+            self.study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned on quality after epoch %s", trial.number, run.best_epoch)
+            return "pruned"
+        except LoraSearchError as exc:
+            return self._fail(trial, str(exc))
+        except Exception as exc:  # a crash inside training must not take the whole search down
+            log.exception("trial %d crashed", trial.number)
+            return self._fail(trial, f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            self._fail(trial, "interrupted")
+            raise
+        if run.best_score is None:
+            return self._fail(trial, "training ended without a scored checkpoint; set save_every_n_epochs")
+        self.study.tell(trial, run.best_score)
+        log.info("trial %d complete: best epoch %d scored %.4f", trial.number, run.best_epoch, run.best_score)
+        return "complete"
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> str:
+        trial.set_user_attr("fail_reason", reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, reason)
+        return "failed"
+
+    def _on_checkpoint(self, run: TrialRun, epoch: int, checkpoint: Path) -> None:
+        result = self.scorer.score(run.run_dir, run.config_path, epoch, checkpoint)
+        if not math.isfinite(result.total):
+            raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")
+        run.record(result, checkpoint)
+        self._upload(run, result)
+        run.trial.report(result.total, epoch)
+        log.info("trial %d epoch %d score %.4f", run.trial.number, epoch, result.total)
+        if run.trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch} score {result.total:.4f}")
+
+    def _upload(self, run: TrialRun, result: EpochScore) -> None:
+        if not result.images:
+            return
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        store = FileSystemArtifactStore(str(self.artifact_dir()))
+        for image in result.images:
+            upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=run.trial)
+
+    def artifact_dir(self) -> Path:
+        path = self.study_dir / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

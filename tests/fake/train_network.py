@@ -1,0 +1,37 @@
+"""A stand-in for sd-scripts' train_network.py, for testing the kohya backend without a GPU.
+
+It reads the TOML given with --config_file the way sd-scripts does (sections flattened), "trains" for
+max_train_epochs (sleeping FAKE_EPOCH_SECONDS per epoch), writes {output_name}-{epoch:06d}.safetensors
+every save_every_n_epochs before the last epoch and {output_name}.safetensors at the end, and appends
+its output_dir to $FAKE_TRAIN_LOG so tests can see which trials ran.
+"""
+
+import argparse
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--config_file", required=True)
+args = parser.parse_args()
+flat = {}
+for key, value in tomllib.loads(Path(args.config_file).read_text()).items():
+    flat.update(value if isinstance(value, dict) else {key: value})
+out = Path(flat["output_dir"])
+name = flat.get("output_name", "last")
+epochs = flat["max_train_epochs"]
+every = flat.get("save_every_n_epochs") or epochs + 1
+if os.environ.get("FAKE_TRAIN_LOG"):
+    with open(os.environ["FAKE_TRAIN_LOG"], "a") as fh:
+        fh.write(f"{out}\n")
+if os.environ.get("FAKE_TRAIN_FAIL") and os.environ["FAKE_TRAIN_FAIL"] in str(out):
+    print("CUDA error: simulated crash", file=sys.stderr)
+    sys.exit(3)
+for epoch in range(1, epochs + 1):
+    time.sleep(float(os.environ.get("FAKE_EPOCH_SECONDS", "0.01")))
+    if epoch % every == 0 and epoch < epochs:
+        (out / f"{name}-{epoch:06d}.safetensors").write_bytes(b"epoch %d" % epoch)
+    print(f"epoch {epoch}/{epochs} done", flush=True)
+(out / f"{name}.safetensors").write_bytes(b"final")

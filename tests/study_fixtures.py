@@ -1,0 +1,45 @@
+"""Builders for study tests: a project folder with configs, the fake sd-scripts and the fake scorer."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import toml
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = Path(__file__).resolve().parent / "fake"
+
+
+def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "t", epochs_choices=(2, 4),
+                 save_every: int = 1, pruner: str = "none") -> Path:
+    """A folder holding configs/ like the repo's, set up for the kohya backend with fake scripts.
+
+    Returns the study.toml path. The search space is the default one with epochs shrunk to
+    ``epochs_choices`` (the budget semantics do not depend on epoch counts).
+    """
+    configs = root / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    base = toml.loads((REPO / "configs" / "base.toml").read_text())
+    base["saving"]["save_every_n_epochs"] = save_every
+    (configs / "base.toml").write_text(toml.dumps(base))
+    space = toml.loads((REPO / "configs" / "search_space.toml").read_text())
+    space["max_train_epochs"] = {"choices": list(epochs_choices)}
+    (configs / "search_space.toml").write_text(toml.dumps(space))
+    study = {
+        "study": {"name": name, "storage": storage, "n_trials": n_trials, "seed": 7,
+                  "runs_dir": str(root / "runs"), "base_config": str(configs / "base.toml"),
+                  "search_space": str(configs / "search_space.toml"), "heartbeat_interval": 2, "grace_period": 6},
+        "pruner": {"type": pruner},
+        "backend": {"type": "kohya", "poll_seconds": 0.05,
+                    "command": [sys.executable, str(FAKE / "train_network.py"), "--config_file", "{config}"]},
+        "scorer": {"type": "command", "command": [sys.executable, str(FAKE / "score.py"), "{config}", "{epoch}"]},
+    }
+    path = configs / "study.toml"
+    path.write_text(toml.dumps(study))
+    return path
+
+
+def copy_repo_configs(dest: Path) -> None:
+    shutil.copytree(REPO / "configs", dest / "configs")

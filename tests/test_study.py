@@ -1,0 +1,198 @@
+"""The study end to end with the kohya backend (a fake sd-scripts) and a command scorer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.cli import main
+from search.settings import load_settings
+from search.study import open_study
+from search.worker import Worker, trained_count
+from study_fixtures import make_project
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_TRAIN_LOG", str(tmp_path / "trained.log"))
+    return tmp_path
+
+
+def trained_dirs(root: Path) -> list[str]:
+    log = root / "trained.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_worker_trains_budget_and_rejections_cost_nothing(project):
+    cfg = make_project(project, n_trials=6)
+    settings = load_settings(cfg)
+    worker = Worker(settings)
+    assert worker.run() == 6
+    trials = worker.study.get_trials()
+    trained = [t for t in trials if t.user_attrs.get("accepted")]
+    rejected = [t for t in trials if t.user_attrs.get("prune_reason") == "constraint"]
+    assert len(trained) == 6 and trained_count(worker.study) == 6
+    assert all(t.state == TrialState.COMPLETE for t in trained)
+    assert len(trials) == len(trained) + len(rejected)
+    for t in rejected:  # pruned before training: no folder, no intermediate values, reasons recorded
+        assert t.state == TrialState.PRUNED and not t.intermediate_values
+        assert t.user_attrs["constraints_violated"] and t.user_attrs["constraint_reasons"][0].startswith("constraint ")
+        assert not (project / "runs" / "t" / f"trial_{t.number:04d}").exists()
+    assert sorted(trained_dirs(project)) == sorted(t.user_attrs["run_dir"] for t in trained)
+    best = worker.study.best_trial
+    epochs = best.user_attrs["config"]["max_train_epochs"]
+    # every epoch was scored (save_every_n_epochs = 1, the last one from the final file)
+    assert sorted(best.intermediate_values) == list(range(1, epochs + 1))
+    assert best.user_attrs["best_epoch"] == epochs  # the fake scorer prefers later epochs
+    assert best.value == pytest.approx(max(best.intermediate_values.values()))
+
+
+def test_trial_config_is_base_plus_params(project):
+    cfg = make_project(project, n_trials=1)
+    worker = Worker(load_settings(cfg))
+    worker.run()
+    trial = next(t for t in worker.study.get_trials() if t.state == TrialState.COMPLETE)
+    from training.config import load_training_config
+
+    written = load_training_config(Path(trial.user_attrs["run_dir"]) / "config.toml")
+    p = trial.params
+    assert written.network_dim == p["network_dim"]
+    assert written.network_alpha == int(round(p["network_dim"] * p["network_alpha_ratio"], 6))
+    assert written.unet_lr == written.learning_rate == pytest.approx(p["learning_rate"])
+    assert written.text_encoder_lr == pytest.approx(p["text_encoder_lr"])
+    assert written.output_dir == trial.user_attrs["run_dir"]
+    assert written.mixed_precision == "bf16" and written.noise_offset == 0.05  # from the base config
+
+
+def test_failed_training_is_recorded_and_the_worker_goes_on(project, monkeypatch):
+    cfg = make_project(project, n_trials=3)
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "trial_000")  # trials 0-9 crash
+    worker = Worker(load_settings(cfg))
+    worker.run()
+    states = [t.state for t in worker.study.get_trials() if t.user_attrs.get("accepted")]
+    assert len(states) == 3
+    failed = [t for t in worker.study.get_trials() if t.state == TrialState.FAIL]
+    assert failed and "exited with code 3" in failed[0].user_attrs["fail_reason"]
+
+
+def test_quality_pruning_stops_a_trial(project):
+    from search.scoring import CheckpointScorer, EpochScore
+
+    class Falling(CheckpointScorer):
+        """First trial scores well; later ones score badly, so the median pruner stops them."""
+
+        def score(self, run_dir, config_path, epoch, checkpoint):
+            good = run_dir.name == "trial_0000" or trained_count(worker.study) <= 2
+            return EpochScore(epoch, 1.0 if good else 0.0)
+
+    cfg = make_project(project, n_trials=4, epochs_choices=(4,))
+    settings = load_settings(cfg)
+    settings.pruner.type = "median"
+    settings.pruner.n_startup_trials = 1
+    settings.pruner.n_warmup_steps = 0
+    worker = Worker(settings, scorer=Falling())
+    worker.run()
+    pruned = [t for t in worker.study.get_trials() if t.user_attrs.get("prune_reason") == "quality"]
+    assert pruned and all(t.state == TrialState.PRUNED for t in pruned)
+    assert all(len(t.intermediate_values) < 4 for t in pruned)
+    assert trained_count(worker.study) == 4
+
+
+def run_workers(cfg: Path, env: dict, count: int = 2) -> None:
+    cmd = [sys.executable, "-m", "search", "worker", "--config", str(cfg)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(count)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+
+
+@pytest.mark.parametrize("storage", ["", "journal:{root}/runs/journal.log"])
+def test_two_workers_share_the_budget(project, storage):
+    cfg = make_project(project, n_trials=6, storage=storage.format(root=project))
+    env = {**os.environ, "FAKE_EPOCH_SECONDS": "0.05", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run_workers(cfg, env)
+    study = open_study(load_settings(cfg), create=False)
+    trials = study.get_trials()
+    assert trained_count(study) == 6
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    dirs = trained_dirs(project)
+    assert len(dirs) == len(set(dirs)) == 6  # no trial trained twice
+    workers = {t.user_attrs["worker"] for t in trials if t.user_attrs.get("accepted")}
+    assert len(workers) == 2  # both really worked
+
+
+def test_export_writes_the_best_trial_and_it_passes_check(project, capsys):
+    cfg = make_project(project, n_trials=3)
+    worker = Worker(load_settings(cfg))
+    worker.run()
+    out = project / "best.toml"
+    assert main(["export", "--config", str(cfg), "--out", str(out)]) == 0
+    best = worker.study.best_trial
+    from training.config import load_training_config
+
+    exported = load_training_config(out)
+    assert exported.network_dim == best.params["network_dim"]
+    assert exported.learning_rate == pytest.approx(best.params["learning_rate"])
+    assert exported.output_dir == "runs/train"  # production output paths, not the trial folder
+    text = out.read_text()
+    assert f"trial {best.number}" in text and "best epoch" in text
+    assert main(["check", str(out)]) == 0
+    assert main(["export", "--config", str(cfg), "--out", str(out), "--trial", "999"]) == 2
+    assert "has no trial 999" in capsys.readouterr().err
+
+
+def test_export_refuses_a_rejected_trial_and_an_empty_study(project, capsys):
+    cfg = make_project(project, n_trials=2)
+    worker = Worker(load_settings(cfg))
+    out = project / "x.toml"
+    assert main(["export", "--config", str(cfg), "--out", str(out)]) == 2
+    assert "no complete trial" in capsys.readouterr().err and not out.exists()
+    worker.run()
+    rejected = [t for t in worker.study.get_trials() if t.user_attrs.get("prune_reason") == "constraint"]
+    if rejected:
+        assert main(["export", "--config", str(cfg), "--out", str(out), "--trial", str(rejected[0].number)]) == 2
+        assert "never trained" in capsys.readouterr().err
+
+
+def test_status_table(project, capsys):
+    cfg = make_project(project, n_trials=5)
+    worker = Worker(load_settings(cfg))
+    worker.run()
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 trials trained" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("trial"))
+    assert "state" in header and "score" in header and "note" in header
+    rejected = [t for t in worker.study.get_trials() if t.user_attrs.get("prune_reason") == "constraint"]
+    assert f"constraint rejections: {len(rejected)} trial(s)" in out
+    for t in rejected:
+        row = next(line for line in lines if line.split()[:1] == [str(t.number)])
+        assert "PRUNED" in row and "rejected: constraint" in row
+    assert f"best: trial {worker.study.best_trial.number}" in out
+
+
+def test_status_of_a_missing_study_is_one_clear_line(project, capsys):
+    cfg = make_project(project)
+    assert main(["status", "--config", str(cfg), "--study", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no study named 'nope'" in err and len(err.splitlines()) == 1
+
+
+def test_bad_storage_url_is_one_clear_line(project, capsys):
+    cfg = make_project(project)
+    assert main(["status", "--config", str(cfg), "--storage", "redis://x"]) == 2
+    assert "storage URL 'redis://x' is not understood" in capsys.readouterr().err
+    assert main(["status", "--config", str(cfg), "--storage", "postgresql://u:secret@127.0.0.1:1/db"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage" in err and "secret" not in err
