@@ -249,10 +249,16 @@ def kohya_argument_names() -> frozenset[str]:
     return frozenset(_KOHYA_ARGS_FILE.read_text().split())
 
 
-def _coerce(key: str, value: Any) -> Any:
+def value_type(key: str) -> type:
+    """The Python type of a config key's value (``Optional`` removed): bool, int, float, str or list."""
     hint = _HINTS[key]
     if typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(key: str, value: Any) -> Any:
+    hint = value_type(key)
     if hint is bool:
         if isinstance(value, bool):
             return value
