@@ -311,12 +311,11 @@ def flatten_sections(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 def config_from_dict(flat: dict[str, Any], where: str = "config") -> TrainingConfig:
     """Build a config from flat kohya keys, rejecting unknown keys and ill-typed values."""
-    values = {}
-    for key, value in flat.items():
+    for key in flat:
         if key not in FIELDS:
             raise unknown_key_error(key, where)
-        values[key] = _coerce(key, value)
     try:
+        values = {key: _coerce(key, value) for key, value in flat.items()}
         return TrainingConfig(**values)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
