@@ -33,6 +33,7 @@ class StudySection:
     evaluator_config: str = "configs/evaluator.toml"
     heartbeat_interval: int = 60  # seconds; RDB storages only
     grace_period: int = 300  # a RUNNING trial silent this long is stale
+    max_retry: int = 3  # times a trial whose worker died is re-queued to continue its run
 
 
 @dataclass

@@ -9,7 +9,9 @@ Storage URLs:
   RDBStorage accepts; PostgreSQL is the tested engine for workers on several machines.
 
 RDB storages get heartbeats (``heartbeat_interval``/``grace_period`` from study.toml), so a worker that
-dies leaves a trial that :func:`optuna.storages.fail_stale_trials` can fail and retry.
+dies leaves a trial that :func:`optuna.storages.fail_stale_trials` fails; Optuna's
+``RetryHeartbeatStaleTrialCallback`` then queues a copy (params, user attrs, reported epochs) that the
+next worker continues from the dead run's last saved training state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
 from search.errors import StorageError, StudyError
@@ -71,9 +73,11 @@ def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStor
         Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
     heartbeat = settings.study.heartbeat_interval if settings else 60
     grace = settings.study.grace_period if settings else 300
+    retry = RetryHeartbeatStaleTrialCallback(settings.study.max_retry if settings else 3,
+                                             inherit_intermediate_values=True)
     engine_kwargs = {"connect_args": {"timeout": 30}} if scheme == "sqlite" else {"pool_pre_ping": True}
     try:
-        return _rdb_with_retry(url, engine_kwargs, heartbeat, grace)
+        return _rdb_with_retry(url, engine_kwargs, heartbeat, grace, retry)
     except ModuleNotFoundError as exc:
         raise StorageError(f"storage '{redact(url)}' needs the Python package {exc.name}; "
                            "pip install 'lora-search[postgres]'") from None
@@ -83,12 +87,14 @@ def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStor
                            "database server is running") from None
 
 
-def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int, attempts: int = 4) -> RDBStorage:
+def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int,
+                    retry: RetryHeartbeatStaleTrialCallback, attempts: int = 4) -> RDBStorage:
     """Open an RDB storage; workers started together may race to create the schema, so a failure
     is retried a few times before it counts."""
     for attempt in range(attempts):
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=grace)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=grace,
+                              heartbeat_stale_trial_callback=retry)
         except ModuleNotFoundError:
             raise
         except Exception:

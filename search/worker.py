@@ -13,16 +13,20 @@ racing for the last slot never both train.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from search.backends import make_backend
@@ -48,9 +52,19 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get("accepted") is True and trial.user_attrs.get("prune_reason") != "budget"
 
 
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials whose run was handed to a retry (the retry holds their budget slot)."""
+    history: set[int] = set()
+    for trial in trials:
+        history.update(RetryHeartbeatStaleTrialCallback.retry_history(trial))
+    return history
+
+
 def trained_count(study: optuna.Study) -> int:
-    """Trials that used (or are using) a budget slot."""
-    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+    """Trials that used (or are using) a budget slot; a crashed trial and its retry count once."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return sum(counts_toward_budget(t) and t.number not in retried for t in trials)
 
 
 def _undecided_below(study: optuna.Study, number: int) -> bool:
@@ -66,8 +80,38 @@ def claim_budget_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -
     deadline = time.monotonic() + DECISION_WAIT_S
     while _undecided_below(study, trial.number) and time.monotonic() < deadline:
         time.sleep(0.2)
-    ahead = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    ahead = sum(counts_toward_budget(t) and t.number not in retried for t in trials if t.number < trial.number)
     return ahead < n_trials
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Record the trial's heartbeat in the background while it trains (RDB storages only).
+
+    Optuna beats only inside ``Study.optimize``; workers use ask/tell, so they beat themselves.
+    """
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    stop = threading.Event()
+    interval = storage.get_heartbeat_interval()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclass
@@ -81,6 +125,13 @@ class TrialRun:
     best_epoch: Optional[int] = None
     best_score: Optional[float] = None
     best_checkpoint: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        # A retry inherits its crashed run's attrs: its epochs scored so far still count.
+        attrs = self.trial.user_attrs
+        if "best_score" in attrs:
+            self.best_epoch, self.best_score = attrs["best_epoch"], attrs["best_score"]
+            self.best_checkpoint = Path(attrs["best_checkpoint"])
 
     def record(self, result: EpochScore, checkpoint: Path) -> None:
         better = self.best_score is None or (
@@ -118,7 +169,8 @@ class Worker:
         """Work until the study's budget is met (or ``max_trials`` trials trained here); returns that count."""
         trained = 0
         while max_trials is None or trained < max_trials:
-            if trained_count(self.study) >= self.settings.study.n_trials:
+            retries = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not retries and trained_count(self.study) >= self.settings.study.n_trials:
                 log.info("budget of %d trained trials reached", self.settings.study.n_trials)
                 break
             outcome = self.run_next()
@@ -129,8 +181,12 @@ class Worker:
 
     def run_next(self) -> str:
         """Sample one trial and carry it through; returns what happened to it."""
+        fail_stale_trials(self.study)  # a dead worker's trial is failed and queued for retry
         trial = self.study.ask()
         trial.set_user_attr("worker", self.name)
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.study._storage.get_trial(trial._trial_id))
+        if retry_of is not None and "config" in trial.user_attrs:
+            return self._continue(trial, retry_of)
         params = self.space.suggest(trial)
         run_dir = self.study_dir / f"trial_{trial.number:04d}"
         values = trial_values(self.base, params, run_dir)
@@ -151,7 +207,13 @@ class Worker:
         log.info("trial %d rejected before training: %s", trial.number, "; ".join(describe(c) for c in fired))
         return "rejected"
 
-    def _train(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path) -> str:
+    def _continue(self, trial: optuna.Trial, retry_of: int) -> str:
+        """A retry of a trial whose worker died: same params, same folder, resumed from its state."""
+        run_dir = Path(trial.user_attrs["run_dir"])
+        log.info("trial %d continues trial %d in %s", trial.number, retry_of, run_dir)
+        return self._train(trial, trial.user_attrs["config"], run_dir, resume=True)
+
+    def _train(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, resume: bool = False) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.toml"
         header = f"# lora-search study '{self.settings.study.name}', trial {trial.number}: base config + sampled params"
@@ -161,7 +223,9 @@ class Worker:
         run = TrialRun(trial, run_dir, config_path, self.settings.study.direction == "maximize")
         log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
         try:
-            self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_checkpoint(run, epoch, ckpt))
+            with heartbeat(self.study, trial):
+                self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_checkpoint(run, epoch, ckpt),
+                                   resume=resume)
         except optuna.TrialPruned:
             trial.set_user_attr("prune_reason", "quality")
             self.study.tell(trial, state=TrialState.PRUNED)
@@ -188,6 +252,8 @@ class Worker:
         return "failed"
 
     def _on_checkpoint(self, run: TrialRun, epoch: int, checkpoint: Path) -> None:
+        if str(epoch) in run.trial.user_attrs.get("epoch_scores", {}):
+            return  # scored before a crash; the retry inherited the score
         result = self.scorer.score(run.run_dir, run.config_path, epoch, checkpoint)
         if not math.isfinite(result.total):
             raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")

@@ -33,7 +33,7 @@ def format_table(scores) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evaluation.evaluate_run import evaluate_run
+    from evaluation.evaluator import evaluate_run
 
     settings = settings_from_args(args)
     scores = evaluate_run(args.run_dir, settings)

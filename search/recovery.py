@@ -1,0 +1,57 @@
+"""Crash recovery: fail the RUNNING trials whose worker is gone and queue retries that continue them.
+
+Two ways to tell a worker is gone:
+
+- its heartbeat is older than ``grace_period`` (RDB storages; works across machines): Optuna's
+  ``fail_stale_trials`` fails it and the storage's retry callback queues the copy;
+- it ran on this machine and its process no longer exists (any storage, journal included, and right
+  away, e.g. after a reboot or ``kill -9``).
+
+The retry is a WAITING trial with the same params and user attrs (run folder, config, epochs scored
+so far); a worker picks it up before sampling anything new and resumes the run from its last saved
+training state (see :meth:`search.worker.Worker.run_next`).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Optional
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+
+def worker_alive(worker: Optional[str]) -> Optional[bool]:
+    """Whether the worker ``host:pid`` still runs; None when that cannot be told from here."""
+    if not worker or ":" not in worker:
+        return None
+    host, _, pid_text = worker.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    cmdline = Path(f"/proc/{pid_text}/cmdline")
+    try:
+        # a reused pid after a reboot belongs to some other program: only a lora-search worker counts
+        return b"worker" in cmdline.read_bytes()
+    except OSError:
+        return False
+
+
+def recover_dead_trials(study: optuna.Study, max_retry: int) -> list[int]:
+    """Fail trials of dead workers and queue their retries; returns the failed trial numbers."""
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    fail_stale_trials(study)
+    storage = study._storage
+    retry = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if worker_alive(trial.user_attrs.get("worker")) is not False:
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died; retried")
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process got there first
+        retry(study, storage.get_trial(trial._trial_id))
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return sorted(before - after)

@@ -1,0 +1,72 @@
+"""Crash recovery: a worker killed with SIGKILL mid-trial; resume finishes the study without losing it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from search.cli import main
+from search.settings import load_settings
+from search.study import open_study
+from search.worker import Worker, trained_count
+from study_fixtures import REPO, make_project
+
+
+@pytest.mark.parametrize("storage", ["", "journal:{root}/runs/journal.log"])
+def test_kill_9_mid_trial_then_resume(tmp_path, monkeypatch, storage, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_project(tmp_path, n_trials=3, storage=storage.format(root=tmp_path), epochs_choices=(4,))
+    env = {**os.environ, "FAKE_EPOCH_SECONDS": "0.6", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "search", "worker", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = load_settings(cfg)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill it once its first trial has scored an epoch
+        time.sleep(0.2)
+        if (tmp_path / "runs" / "t").exists():
+            running = open_study(settings).get_trials(states=(TrialState.RUNNING,))
+            if running and running[0].intermediate_values:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    study = open_study(settings, create=False)
+    [stuck] = study.get_trials(states=(TrialState.RUNNING,))
+    scored_before = dict(stuck.intermediate_values)
+    assert scored_before  # it had reported epochs before it died
+
+    assert main(["resume", "--config", str(cfg)]) == 0
+    assert f"re-queued 1 trial(s) of dead workers to continue: {stuck.number}" in capsys.readouterr().out
+    assert main(["resume", "--config", str(cfg)]) == 0  # a second resume changes nothing
+    assert "no trial of a dead worker found" in capsys.readouterr().out
+
+    monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.01")
+    Worker(settings).run()
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert trained_count(study) == 3
+    original = next(t for t in trials if t.number == stuck.number)
+    assert original.state == TrialState.FAIL
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == stuck.number]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["run_dir"] == original.user_attrs["run_dir"]  # continued in the same folder
+    assert retry.params == original.params
+    for epoch, value in scored_before.items():  # epochs scored before the crash are kept
+        assert retry.intermediate_values[epoch] == value
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3
+
+
+def test_resume_on_a_healthy_study_changes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_project(tmp_path, n_trials=2)
+    Worker(load_settings(cfg)).run()
+    study = open_study(load_settings(cfg), create=False)
+    before = [(t.number, t.state, t.value) for t in study.get_trials()]
+    assert main(["resume", "--config", str(cfg)]) == 0
+    assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
