@@ -82,6 +82,9 @@ def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStor
         raise StorageError(f"storage '{redact(url)}' needs the Python package {exc.name}; "
                            "pip install 'lora-search[postgres]'") from None
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+        if "Failed to import DB access module" in str(exc):
+            raise StorageError(f"storage '{redact(url)}' needs a database driver; "
+                               "pip install 'lora-search[postgres]' (psycopg) or the MySQL driver") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage '{redact(url)}': {first}; check the URL and that the "
                            "database server is running") from None
