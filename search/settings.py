@@ -34,6 +34,7 @@ class StudySection:
     heartbeat_interval: int = 60  # seconds; RDB storages only
     grace_period: int = 300  # a RUNNING trial silent this long is stale
     max_retry: int = 3  # times a trial whose worker died is re-queued to continue its run
+    gpu_memory_gb: float = 16.0  # trials whose VRAM estimate exceeds this are rejected before training
 
 
 @dataclass
@@ -87,6 +88,7 @@ class StudySettings:
             (self.study.direction in ("maximize", "minimize"), "study.direction", self.study.direction,
              "maximize or minimize"),
             (self.study.n_trials >= 1, "study.n_trials", self.study.n_trials, "a number of at least 1"),
+            (self.study.gpu_memory_gb > 0, "study.gpu_memory_gb", self.study.gpu_memory_gb, "the GPU's memory in GB"),
             (self.sampler.n_startup_trials >= 0, "sampler.n_startup_trials", self.sampler.n_startup_trials,
              "0 or more"),
             (self.scorer.type != "command" or bool(self.scorer.command), "scorer.command", self.scorer.command,

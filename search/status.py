@@ -27,6 +27,8 @@ def _note(trial: FrozenTrial) -> str:
     reason = attrs.get("prune_reason")
     if reason == "constraint":
         return "rejected: constraint " + ", ".join(str(i) for i in attrs.get("constraints_violated", []))
+    if reason == "vram":
+        return "rejected: " + attrs.get("constraint_reasons", ["VRAM estimate over budget"])[0]
     if reason:
         return f"pruned: {reason}" if trial.state.name == "PRUNED" else reason
     if "fail_reason" in attrs:
@@ -68,6 +70,9 @@ def status_text(study: optuna.Study, n_trials: int) -> str:
     rejected = sum(1 for t in trials if t.user_attrs.get("prune_reason") == "constraint")
     summary = ", ".join(f"#{cid}: {counts[cid]}" for cid in sorted(counts)) or "none"
     out.append(f"constraint rejections: {rejected} trial(s); by constraint {summary}")
+    over_vram = sum(1 for t in trials if t.user_attrs.get("prune_reason") == "vram")
+    if over_vram:
+        out.append(f"VRAM rejections (estimate over gpu_memory_gb): {over_vram} trial(s)")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if complete:
         best = study.best_trial

@@ -107,14 +107,15 @@ def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int,
     raise AssertionError("unreachable")
 
 
-def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
+def make_sampler(settings: StudySettings, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE as study.toml says; ``seed_offset`` separates the random streams of parallel workers."""
     s = settings.sampler
     return optuna.samplers.TPESampler(
         n_startup_trials=s.n_startup_trials,
         multivariate=s.multivariate,
         group=s.group,
         constant_liar=s.constant_liar,
-        seed=settings.study.seed,
+        seed=settings.study.seed + seed_offset,
     )
 
 
@@ -131,12 +132,13 @@ def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
                                        interval_steps=p.interval_steps)
 
 
-def open_study(settings: StudySettings, create: bool = True) -> optuna.Study:
+def open_study(settings: StudySettings, create: bool = True, seed_offset: int = 0) -> optuna.Study:
     """Create the study or continue it; with ``create=False`` a missing study is an error."""
     url = storage_url(settings)
     storage = open_storage(url, settings)
     name = settings.study.name
-    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings), pruner=make_pruner(settings))
+    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings, seed_offset),
+                  pruner=make_pruner(settings))
     if create:
         return optuna.create_study(direction=settings.study.direction, load_if_exists=True, **kwargs)
     try:

@@ -32,13 +32,14 @@ from optuna.trial import FrozenTrial, TrialState
 from search.backends import make_backend
 from search.backends.base import TrainerBackend
 from search.constraints import describe, violations
-from search.errors import LoraSearchError, TrainingFailed
+from search.errors import LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import StudySettings
 from search.space import SearchSpace, load_search_space
 from search.study import open_study
 from search.trial_config import load_base_values, trial_values, write_trial_config
 from training.config import config_from_dict
+from training.vram import estimate_vram
 
 log = logging.getLogger("lora_search.worker")
 
@@ -46,6 +47,17 @@ log = logging.getLogger("lora_search.worker")
 # before it counts budget slots (constraint checks take milliseconds; a worker that died meanwhile
 # must not block the others for ever).
 DECISION_WAIT_S = 15.0
+# A space whose every draw is rejected would otherwise sample for ever.
+MAX_REJECTIONS_IN_A_ROW = 500
+
+
+def free_gpu_memory() -> None:
+    """Give cached CUDA blocks back after an out-of-memory error so the next trial starts clean."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
@@ -156,7 +168,8 @@ class Worker:
         self.settings = settings
         self.space: SearchSpace = load_search_space(settings.study.search_space)
         self.base: dict[str, Any] = load_base_values(settings.study.base_config)
-        self.study = open_study(settings)
+        # each worker process gets its own sampler seed, so parallel workers do not draw the same trials
+        self.study = open_study(settings, seed_offset=os.getpid())
         self.backend = backend or make_backend(settings)
         self.scorer = scorer or make_scorer(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -167,7 +180,7 @@ class Worker:
 
     def run(self, max_trials: Optional[int] = None) -> int:
         """Work until the study's budget is met (or ``max_trials`` trials trained here); returns that count."""
-        trained = 0
+        trained = rejected_in_a_row = 0
         while max_trials is None or trained < max_trials:
             retries = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             if not retries and trained_count(self.study) >= self.settings.study.n_trials:
@@ -177,12 +190,24 @@ class Worker:
             if outcome == "budget":
                 break
             trained += outcome != "rejected"
+            rejected_in_a_row = rejected_in_a_row + 1 if outcome == "rejected" else 0
+            if rejected_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
+                raise StudyError(f"{rejected_in_a_row} sampled trials in a row were rejected before training; "
+                                 "widen configs/search_space.toml or raise gpu_memory_gb (see lora-search status)")
         return trained
 
     def run_next(self) -> str:
         """Sample one trial and carry it through; returns what happened to it."""
         fail_stale_trials(self.study)  # a dead worker's trial is failed and queued for retry
         trial = self.study.ask()
+        try:
+            return self._carry(trial)
+        except BaseException:  # Ctrl-C / SIGTERM (stop): never leave the trial RUNNING
+            if not self.study._storage.get_trial(trial._trial_id).state.is_finished():
+                self._interrupted(trial)
+            raise
+
+    def _carry(self, trial: optuna.Trial) -> str:
         trial.set_user_attr("worker", self.name)
         retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.study._storage.get_trial(trial._trial_id))
         if retry_of is not None and "config" in trial.user_attrs:
@@ -190,21 +215,29 @@ class Worker:
         params = self.space.suggest(trial)
         run_dir = self.study_dir / f"trial_{trial.number:04d}"
         values = trial_values(self.base, params, run_dir)
-        fired = violations(config_from_dict(values, f"trial {trial.number}"))
+        cfg = config_from_dict(values, f"trial {trial.number}")
+        fired = violations(cfg)
         if fired:
-            return self._reject(trial, fired)
+            return self._reject(trial, "constraint", [describe(c) for c in fired], [c.id for c in fired])
+        vram = estimate_vram(cfg).total_gib
+        trial.set_user_attr("vram_estimate_gib", round(vram, 2))
+        if vram > self.settings.study.gpu_memory_gb:
+            reason = f"VRAM estimate {vram:.1f} GiB exceeds gpu_memory_gb = {self.settings.study.gpu_memory_gb:g}"
+            return self._reject(trial, "vram", [reason])
         if not claim_budget_slot(self.study, trial, self.settings.study.n_trials):
             trial.set_user_attr("prune_reason", "budget")
             self.study.tell(trial, state=TrialState.FAIL)
             return "budget"
         return self._train(trial, values, run_dir)
 
-    def _reject(self, trial: optuna.Trial, fired) -> str:
-        trial.set_user_attr("constraints_violated", [c.id for c in fired])
-        trial.set_user_attr("constraint_reasons", [describe(c) for c in fired])
-        trial.set_user_attr("prune_reason", "constraint")
+    def _reject(self, trial: optuna.Trial, kind: str, reasons: list[str], ids: Optional[list[int]] = None) -> str:
+        """PRUNED before training, without intermediate values (TPE ranks it worst); no budget used."""
+        if ids is not None:
+            trial.set_user_attr("constraints_violated", ids)
+        trial.set_user_attr("constraint_reasons", reasons)
+        trial.set_user_attr("prune_reason", kind)
         self.study.tell(trial, state=TrialState.PRUNED)
-        log.info("trial %d rejected before training: %s", trial.number, "; ".join(describe(c) for c in fired))
+        log.info("trial %d rejected before training: %s", trial.number, "; ".join(reasons))
         return "rejected"
 
     def _continue(self, trial: optuna.Trial, retry_of: int) -> str:
@@ -231,19 +264,35 @@ class Worker:
             self.study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned on quality after epoch %s", trial.number, run.best_epoch)
             return "pruned"
-        except LoraSearchError as exc:
-            return self._fail(trial, str(exc))
         except Exception as exc:  # a crash inside training must not take the whole search down
-            log.exception("trial %d crashed", trial.number)
-            return self._fail(trial, f"{type(exc).__name__}: {exc}")
-        except BaseException:
-            self._fail(trial, "interrupted")
-            raise
+            if is_out_of_memory(exc):
+                return self._out_of_memory(trial, exc)
+            if not isinstance(exc, LoraSearchError):
+                log.exception("trial %d crashed", trial.number)
+            return self._fail(trial, str(exc) if isinstance(exc, LoraSearchError) else f"{type(exc).__name__}: {exc}")
         if run.best_score is None:
             return self._fail(trial, "training ended without a scored checkpoint; set save_every_n_epochs")
         self.study.tell(trial, run.best_score)
         log.info("trial %d complete: best epoch %d scored %.4f", trial.number, run.best_epoch, run.best_score)
         return "complete"
+
+    def _interrupted(self, trial: optuna.Trial) -> None:
+        """The worker was stopped mid-trial: FAIL it and, if it was training, queue a retry that the
+        next worker (after ``lora-search resume`` or ``start``) continues from its last saved state."""
+        accepted = trial.user_attrs.get("accepted") is True
+        self._fail(trial, "interrupted; queued to continue" if accepted else "interrupted before training")
+        if accepted:
+            retry = RetryHeartbeatStaleTrialCallback(self.settings.study.max_retry, inherit_intermediate_values=True)
+            retry(self.study, self.study._storage.get_trial(trial._trial_id))
+
+    def _out_of_memory(self, trial: optuna.Trial, exc: BaseException) -> str:
+        """PRUNED, not FAIL: TPE ignores failed trials and would keep proposing what does not fit."""
+        free_gpu_memory()
+        trial.set_user_attr("prune_reason", "oom")
+        trial.set_user_attr("fail_reason", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        log.warning("trial %d ran out of GPU memory; recorded as pruned (oom)", trial.number)
+        return "pruned"
 
     def _fail(self, trial: optuna.Trial, reason: str) -> str:
         trial.set_user_attr("fail_reason", reason)

@@ -70,3 +70,48 @@ def test_resume_on_a_healthy_study_changes_nothing(tmp_path, monkeypatch, capsys
     before = [(t.number, t.state, t.value) for t in study.get_trials()]
     assert main(["resume", "--config", str(cfg)]) == 0
     assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
+
+
+def test_interrupted_trial_is_queued_and_continued_by_the_next_worker(tmp_path, monkeypatch):
+    from search.scoring import CheckpointScorer, EpochScore
+
+    class StopAtEpoch2(CheckpointScorer):
+        def score(self, run_dir, config_path, epoch, checkpoint):
+            if epoch == 2:
+                raise KeyboardInterrupt  # what Ctrl-C / lora-search stop does mid-trial
+            return EpochScore(epoch, 0.1 * epoch)
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_project(tmp_path, n_trials=2, epochs_choices=(4,))
+    settings = load_settings(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        Worker(settings, scorer=StopAtEpoch2()).run()
+    study = open_study(settings, create=False)
+    [stopped] = [t for t in study.get_trials() if t.user_attrs.get("accepted") and t.state == TrialState.FAIL]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted; queued to continue"
+    assert stopped.intermediate_values == {1: 0.1}
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+
+    Worker(settings).run()
+    trials = study.get_trials()
+    assert trained_count(study) == 2 and not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == stopped.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]
+    assert retry.intermediate_values[1] == 0.1  # the epoch scored before the stop is kept
+
+
+def test_ctrl_c_before_training_leaves_nothing_running(tmp_path, monkeypatch):
+    import search.worker as worker_module
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_project(tmp_path, n_trials=2)
+    settings = load_settings(cfg)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker_module, "trial_values", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Worker(settings).run()
+    [trial] = open_study(settings, create=False).get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted before training"

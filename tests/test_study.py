@@ -196,3 +196,68 @@ def test_bad_storage_url_is_one_clear_line(project, capsys):
     assert main(["status", "--config", str(cfg), "--storage", "postgresql://u:secret@127.0.0.1:1/db"]) == 2
     err = capsys.readouterr().err
     assert "cannot open storage" in err and "secret" not in err
+
+
+def test_configs_over_the_gpu_budget_are_rejected_before_training(project):
+    import toml
+
+    cfg = make_project(project, n_trials=3)
+    space_path = project / "configs" / "search_space.toml"
+    space = toml.loads(space_path.read_text())
+    space["train_batch_size"] = {"choices": [1, 8]}  # batch 8 at 512px needs far more than 10 GB
+    space_path.write_text(toml.dumps(space))
+    settings = load_settings(cfg)
+    settings.study.gpu_memory_gb = 10
+    worker = Worker(settings)
+    worker.run()
+    trials = worker.study.get_trials()
+    over = [t for t in trials if t.user_attrs.get("prune_reason") == "vram"]
+    assert over and all(t.params["train_batch_size"] == 8 and t.state == TrialState.PRUNED for t in over)
+    assert all(t.user_attrs["vram_estimate_gib"] > 10 for t in over)
+    assert "exceeds gpu_memory_gb = 10" in over[0].user_attrs["constraint_reasons"][0]
+    trained = [t for t in trials if t.user_attrs.get("accepted")]
+    assert len(trained) == 3 and all(t.params["train_batch_size"] == 1 for t in trained)
+    assert not any((project / "runs" / "t" / f"trial_{t.number:04d}").exists() for t in over)
+
+
+def test_out_of_memory_inside_a_trial_is_pruned_and_the_study_goes_on(project):
+    from search.scoring import CheckpointScorer, EpochScore
+
+    class OomOnce(CheckpointScorer):
+        calls = 0
+
+        def score(self, run_dir, config_path, epoch, checkpoint):
+            OomOnce.calls += 1
+            if OomOnce.calls == 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return EpochScore(epoch, 0.5)
+
+    worker = Worker(load_settings(make_project(project, n_trials=3)), scorer=OomOnce())
+    worker.run()
+    trained = [t for t in worker.study.get_trials() if t.user_attrs.get("accepted")]
+    assert len(trained) == 3
+    oom = trained[0]
+    assert oom.state == TrialState.PRUNED and oom.user_attrs["prune_reason"] == "oom"
+    assert "out of memory" in oom.user_attrs["fail_reason"]
+    assert [t.state for t in trained[1:]] == [TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_kohya_out_of_memory_exit_is_pruned(project, monkeypatch):
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "trial_0")
+    monkeypatch.setenv("FAKE_TRAIN_FAIL_MESSAGE", "torch.OutOfMemoryError: CUDA out of memory.")
+    worker = Worker(load_settings(make_project(project, n_trials=2)))
+    worker.run()
+    pruned = [t for t in worker.study.get_trials() if t.user_attrs.get("prune_reason") == "oom"]
+    assert pruned and all(t.state == TrialState.PRUNED for t in pruned)
+
+
+def test_a_space_that_only_yields_rejections_stops_with_a_clear_error(project, monkeypatch):
+    import search.worker as worker_module
+    from search.errors import StudyError
+
+    cfg = make_project(project, n_trials=2)
+    settings = load_settings(cfg)
+    settings.study.gpu_memory_gb = 0.5  # nothing fits
+    monkeypatch.setattr(worker_module, "MAX_REJECTIONS_IN_A_ROW", 20)
+    with pytest.raises(StudyError, match="20 sampled trials in a row were rejected"):
+        Worker(settings).run()

@@ -122,9 +122,11 @@ class TrainingConfig:
     output_name: Optional[str] = _opt(None, "saving", "checkpoint file name stem")
     save_model_as: str = _opt("safetensors", "saving", "only safetensors")
     save_every_n_epochs: Optional[int] = _opt(None, "saving", "write a numbered checkpoint every n epochs")
+    save_every_n_steps: Optional[int] = _opt(None, "saving", "write a numbered checkpoint every n optimizer steps")
     save_state: bool = _opt(False, "saving", "write a resumable training state with each checkpoint")
     sample_prompts: Optional[str] = _opt(None, "saving", "kohya prompt file for sample images")
     sample_every_n_epochs: Optional[int] = _opt(None, "saving", "sample images every n epochs")
+    sample_every_n_steps: Optional[int] = _opt(None, "saving", "sample images every n optimizer steps")
     sample_sampler: str = _opt("ddim", "saving", "sampler for sample images")
     logging_dir: Optional[str] = _opt(None, "saving", "training log folder")
     training_comment: Optional[str] = _opt(None, "saving", "stored in the LoRA metadata")
@@ -191,7 +193,8 @@ def _check_numbers(cfg: TrainingConfig) -> None:
     for key in positive_ints:
         if getattr(cfg, key) < 1:
             raise _bad(key, getattr(cfg, key), "must be at least 1")
-    for key in ("max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "clip_skip"):
+    for key in ("max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "save_every_n_steps",
+                "sample_every_n_steps", "clip_skip"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise _bad(key, value, "must be at least 1 (or left out)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from search.backends.base import CheckpointCallback, TrainerBackend
-from search.errors import TrainingFailed
+from search.errors import OutOfMemory, TrainingFailed
 from training.config import TrainingConfig
 
 
@@ -42,7 +42,11 @@ class KohyaBackend(TrainerBackend):
                 _stop(proc)
                 raise
         if proc.returncode != 0:
-            raise TrainingFailed(f"kohya training exited with code {proc.returncode}; see {run_dir / 'train.log'}")
+            log_path = run_dir / "train.log"
+            message = f"kohya training exited with code {proc.returncode}; see {log_path}"
+            if "out of memory" in _tail(log_path).lower():
+                raise OutOfMemory(message + " (CUDA out of memory)")
+            raise TrainingFailed(message)
 
     def _follow(self, proc: subprocess.Popen, watcher: "_CheckpointWatcher", on_checkpoint: CheckpointCallback):
         while True:
@@ -52,6 +56,12 @@ class KohyaBackend(TrainerBackend):
             if finished:
                 return
             time.sleep(self.poll_seconds)
+
+
+def _tail(path: Path, size: int = 16384) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - size))
+        return fh.read().decode("utf-8", "replace")
 
 
 def _stop(proc: subprocess.Popen) -> None:

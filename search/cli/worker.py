@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from search.cli._common import add_study_options, settings_from_args, setup_logging
 
@@ -19,9 +20,14 @@ def run(args: argparse.Namespace) -> int:
     from search.worker import Worker, trained_count
 
     setup_logging()
+    signal.signal(signal.SIGTERM, _stop_requested)  # `kill`/`lora-search stop`: like Ctrl-C
     settings = settings_from_args(args)
     worker = Worker(settings)
     trained = worker.run()
     print(f"worker done: trained {trained} trial(s) here; study '{settings.study.name}' has "
           f"{trained_count(worker.study)} of {settings.study.n_trials} trained")
     return 0
+
+
+def _stop_requested(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -27,7 +27,7 @@ if os.environ.get("FAKE_TRAIN_LOG"):
     with open(os.environ["FAKE_TRAIN_LOG"], "a") as fh:
         fh.write(f"{out}\n")
 if os.environ.get("FAKE_TRAIN_FAIL") and os.environ["FAKE_TRAIN_FAIL"] in str(out):
-    print("CUDA error: simulated crash", file=sys.stderr)
+    print(os.environ.get("FAKE_TRAIN_FAIL_MESSAGE", "CUDA error: simulated crash"), file=sys.stderr)
     sys.exit(3)
 for epoch in range(1, epochs + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_SECONDS", "0.01")))

@@ -1,0 +1,106 @@
+"""``lora-search start``: create or continue the study and run its workers in a tmux session.
+
+The session (named after the study, on lora-search's own tmux socket) has a window ``worker-gpu<N>``
+per GPU running ``lora-search worker`` with ``CUDA_VISIBLE_DEVICES=N``, and a window ``monitor``
+that reprints ``lora-search status`` every 30 s (a shell loop; ``--monitor-seconds`` changes it).
+``--foreground`` runs one worker in this terminal instead, without tmux.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from search.cli._common import DEFAULT_STUDY_CONFIG, add_study_options, settings_from_args, setup_logging
+from search.tmux import MONITOR_SECONDS, MONITOR_WINDOW, default_socket_name
+
+
+def add_socket_option(parser: argparse.ArgumentParser) -> None:
+    """``--socket-name``, shared by start, stop and attach."""
+    parser.add_argument("--socket-name", metavar="NAME", default=None,
+                        help=f"tmux socket of lora-search's own tmux server (default: {default_socket_name()})")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "start", help="create or continue the study and launch its workers in a tmux session",
+        description="One tmux window per GPU runs lora-search worker; a monitor window shows "
+                    "lora-search status. Detach and go to bed; lora-search attach / stop later.")
+    add_study_options(parser)
+    parser.add_argument("--n-trials", type=int, default=None, help="budget of trained trials (overrides the config)")
+    parser.add_argument("--gpus", metavar="0,1", default=None,
+                        help="GPUs, one worker each (default: 0); sets CUDA_VISIBLE_DEVICES per worker window")
+    add_socket_option(parser)
+    parser.add_argument("--foreground", action="store_true",
+                        help="run one worker in this terminal instead of a tmux session")
+    parser.add_argument("--monitor-seconds", type=int, default=MONITOR_SECONDS, metavar="S",
+                        help=f"how often the monitor window refreshes the status (default: {MONITOR_SECONDS})")
+    parser.set_defaults(func=run)
+
+
+def config_path(args: argparse.Namespace) -> Optional[Path]:
+    """The study config the settings came from (the same rule as settings_from_args)."""
+    if args.config:
+        return Path(args.config)
+    return DEFAULT_STUDY_CONFIG if DEFAULT_STUDY_CONFIG.is_file() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.tmux import parse_gpus
+
+    settings = settings_from_args(args)
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else [0]
+    if args.foreground:
+        return _foreground(settings, gpus if args.gpus is not None else None)
+    return _start_tmux(settings, gpus, args)
+
+
+def _foreground(settings, gpus: Optional[list[int]]) -> int:
+    from search.tmux import TmuxError
+
+    if gpus is not None:
+        if len(gpus) > 1:
+            raise TmuxError(f"--foreground runs one worker; pass one GPU (--gpus {gpus[0]}) or drop --foreground")
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])  # before anything initialises CUDA
+    from search.worker import Worker, trained_count
+
+    setup_logging()
+    worker = Worker(settings)
+    trained = worker.run()
+    print(f"worker done: trained {trained} trial(s) here; study '{settings.study.name}' has "
+          f"{trained_count(worker.study)} of {settings.study.n_trials} trained")
+    return 0
+
+
+def _start_tmux(settings, gpus: list[int], args: argparse.Namespace) -> int:
+    from search.study import open_study, redact, storage_url
+    import optuna
+
+    from search.tmux import (TmuxError, already_running, require_tmux, session_name, session_running,
+                             start_session, study_cli_args)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # start prints its own summary
+
+    require_tmux()
+    if args.monitor_seconds < 1:
+        raise TmuxError(f"--monitor-seconds {args.monitor_seconds}: use 1 or more")
+    socket = args.socket_name or default_socket_name()
+    if session_running(settings, socket):
+        raise already_running(settings, socket)
+    url = storage_url(settings)
+    if len(gpus) > 1 and url.startswith("sqlite"):
+        print(f"warning: {len(gpus)} workers will share the SQLite file {url[len('sqlite:///'):]}; SQLite is meant "
+              f"for one worker (\"database is locked\"): prefer --storage journal:{settings.study_dir}/journal.log "
+              "on one machine or postgresql://... for several", file=sys.stderr)
+    open_study(settings)  # create or continue it here, so a bad storage fails in this terminal
+    study_args = study_cli_args(settings, config_path(args), args.n_trials)
+    start_session(settings, gpus, study_args, socket_name=socket, monitor_seconds=args.monitor_seconds)
+    flags = f" --study {settings.study.name}" + (f" --socket-name {socket}" if args.socket_name else "")
+    workers = ", ".join(f"worker-gpu{g} (CUDA_VISIBLE_DEVICES={g})" for g in gpus)
+    print(f"study '{settings.study.name}' on {redact(url)}: tmux session '{session_name(settings)}' "
+          f"(socket {socket}) runs {workers} and '{MONITOR_WINDOW}' (status every {args.monitor_seconds} s)")
+    print(f"  watch it:  lora-search attach{flags}\n  stop it:   lora-search stop{flags}")
+    return 0

@@ -1,0 +1,258 @@
+"""Peak GPU memory of a LoRA training config, estimated before anything is loaded.
+
+The estimate is a sum of parts a user can act on:
+
+- ``unet``: the frozen UNet's weights in the compute dtype (bf16/fp16 = 2 bytes, ``no`` = 4).
+- ``text_encoders``: their weights, only when they are trained (otherwise their outputs are cached).
+- ``vae``: its weights, only when latents are not cached (kohya moves it off the GPU after caching).
+- ``lora``: LoRA parameters + gradients (4 bytes each, 2 with ``full_bf16``/``full_fp16``) + optimizer
+  state (see :data:`OPTIMIZER_STATES`: AdamW keeps 2 states of 4 bytes, AdamW8bit 2 of 1 byte).
+- ``activations``: what autograd keeps for the backward pass, ``batch x megapixels x coefficient``; the
+  coefficient is per architecture and per gradient checkpointing, fitted to :data:`CALIBRATION`.
+- ``text_encoder_activations``: the same for trained text encoders (77-token sequences; small).
+
+Parameter counts are those of the published SD 1.5 / SDXL base models and kohya's LoRA targets
+(every Linear and 1x1 Conv inside ``Transformer2DModel``; ``CLIPAttention``/``CLIPMLP`` in the text
+encoders); ``tests/test_vram.py`` recounts them from the real module shapes. The estimate is the peak
+of allocated tensors, which is what the calibration points measure; the CUDA context and allocator
+fragmentation (together about 0.5-1 GiB) come on top, so leave that much headroom on the card.
+
+Nothing here imports torch: ``check`` and ``status`` show the estimate and must stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from training.config import TrainingConfig, parse_resolution
+from training.errors import ConfigError
+
+GIB = 1024 ** 3
+ARCHS = ("sd15", "sdxl")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Parameter counts of one architecture (base models, and LoRA parameters per unit of rank)."""
+
+    unet_params: int
+    vae_params: int
+    # one entry per text encoder: (parameters, LoRA parameters per rank, layers, width)
+    text_encoders: tuple[tuple[int, int, int, int], ...]
+    unet_lora_per_rank: int
+    default_resolution: int
+
+
+# CLIP ViT-L/14 text model: 12 layers of width 768; per layer the LoRA targets q, k, v, out (768 -> 768)
+# and fc1/fc2 (768 <-> 3072): 4 * (768 + 768) + 2 * (768 + 3072) = 13,824 per rank.
+_CLIP_L = (123_060_480, 12 * 13_824, 12, 768)
+# OpenCLIP ViT-bigG/14 text model (SDXL's second encoder, with projection): 32 layers of width 1280.
+_CLIP_BIG_G = (694_659_840, 32 * (4 * 2 * 1280 + 2 * (1280 + 5120)), 32, 1280)
+
+SPECS = {
+    # UNet LoRA per rank: 16 transformer blocks, sum over blocks of 28*C + 2*768 plus the 1x1 proj_in/out.
+    "sd15": ArchSpec(unet_params=859_520_964, vae_params=83_653_863, text_encoders=(_CLIP_L,),
+                     unet_lora_per_rank=423_936, default_resolution=512),
+    # 70 transformer blocks (1280-channel stacks of 10) with cross-attention width 2048, linear proj.
+    "sdxl": ArchSpec(unet_params=2_567_463_684, vae_params=83_653_863, text_encoders=(_CLIP_L, _CLIP_BIG_G),
+                     unet_lora_per_rank=2_659_840, default_resolution=1024),
+}
+
+# Optimizer state per trainable parameter: (number of states, bytes per state). 8-bit optimizers keep
+# their states in one byte (the block-wise scales are under 1% more). AdaFactor factors its second
+# moment into row and column vectors: close to no state for LoRA's thin matrices; 0.5 is an upper bound.
+OPTIMIZER_STATES = {
+    "AdamW": (2, 4), "AdamW8bit": (2, 1), "Lion": (1, 4), "Lion8bit": (1, 1), "SGDNesterov": (1, 4),
+    "SGDNesterov8bit": (1, 1), "Prodigy": (4, 4), "AdaFactor": (0.5, 4),
+}
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One measured peak: UNet-only LoRA training with cached latents and text embeddings, bf16."""
+
+    arch: str
+    resolution: int
+    batch: int
+    dim: int
+    optimizer: str
+    gradient_checkpointing: bool
+    measured_gib: float
+    where: str
+
+
+# Real measurements (peak allocated memory over training steps). Add a point here when you measure one;
+# the activation coefficients below are refitted from this table at import.
+CALIBRATION = (
+    CalibrationPoint("sdxl", 1024, 1, 128, "AdamW8bit", False, 16.0,
+                     "H100, random-weight SDXL UNet, bf16, latents and text embeddings cached"),
+    CalibrationPoint("sdxl", 1024, 1, 128, "AdamW8bit", True, 8.5,
+                     "H100, random-weight SDXL UNet, bf16, latents and text embeddings cached"),
+    CalibrationPoint("sd15", 512, 4, 64, "AdamW8bit", False, 7.1,
+                     "H100, random-weight SD1.5 UNet, bf16, latents and text embeddings cached"),
+    CalibrationPoint("sd15", 512, 4, 64, "AdamW8bit", True, 3.2,
+                     "H100, random-weight SD1.5 UNet, bf16, latents and text embeddings cached"),
+)
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    """Estimated peak GPU memory in GiB, with the parts it is made of (GiB each)."""
+
+    total_gib: float
+    parts: dict[str, float] = field(default_factory=dict)
+    arch: str = "sd15"
+    arch_inferred: bool = False
+
+
+def _lora_state_bytes(params: float, optimizer: str, half_weights: bool) -> float:
+    states, state_bytes = OPTIMIZER_STATES.get(optimizer, OPTIMIZER_STATES["AdamW"])
+    weight_bytes = 2 if half_weights else 4
+    return params * (2 * weight_bytes + states * state_bytes)  # weights + gradients + states
+
+
+def _static_parts(arch: str, dim: int, optimizer: str, *, mixed_precision: str = "bf16",
+                  half_weights: bool = False, train_text_encoder: bool = False,
+                  cache_latents: bool = True) -> dict[str, float]:
+    """Everything but activations, in bytes."""
+    spec = SPECS[arch]
+    weight_bytes = 4 if mixed_precision == "no" else 2
+    lora_params = spec.unet_lora_per_rank * dim
+    parts = {"unet": spec.unet_params * weight_bytes, "text_encoders": 0.0, "vae": 0.0}
+    if train_text_encoder:
+        parts["text_encoders"] = sum(te[0] for te in spec.text_encoders) * weight_bytes
+        lora_params += sum(te[1] for te in spec.text_encoders) * dim
+    if not cache_latents:
+        parts["vae"] = spec.vae_params * weight_bytes
+    parts["lora"] = _lora_state_bytes(lora_params, optimizer, half_weights)
+    return parts
+
+
+def _fit_activation_coefficients() -> dict[tuple[str, bool], float]:
+    """Bytes of activations per sample per megapixel (bf16) for each (arch, checkpointing), from CALIBRATION.
+
+    Each coefficient is the measured peak minus the computed static parts, divided by batch x megapixels;
+    with several points for one key the mean is used.
+    """
+    sums: dict[tuple[str, bool], list[float]] = {}
+    for p in CALIBRATION:
+        static = sum(_static_parts(p.arch, p.dim, p.optimizer).values())
+        per_unit = (p.measured_gib * GIB - static) / (p.batch * p.resolution ** 2 / 1e6)
+        sums.setdefault((p.arch, p.gradient_checkpointing), []).append(per_unit)
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+ACTIVATION_BYTES_PER_MEGAPIXEL = _fit_activation_coefficients()
+
+
+def _text_encoder_activation_bytes(arch: str, batch: int, tokens: int, act_bytes: int, checkpointing: bool) -> float:
+    # about 16 saved values per token and layer (q, k, v, attention output, 4x-wide MLP input and output,
+    # layer norms); with checkpointing only each layer's input stays
+    per_layer = 1 if checkpointing else 16
+    return sum(layers * tokens * width * per_layer * act_bytes * batch
+               for _, _, layers, width in SPECS[arch].text_encoders)
+
+
+def estimate_vram(cfg: TrainingConfig, arch: Optional[str] = None) -> VramEstimate:
+    """Estimated peak GPU memory of training ``cfg``; ``arch`` ("sd15"/"sdxl") is inferred when omitted.
+
+    Inference reads the model file's tensor names without loading weights (see :func:`infer_arch`);
+    a file that cannot be read that way is assumed to be SD 1.5.
+    """
+    from_file = _file_arch(cfg.pretrained_model_name_or_path) if arch is None else None
+    arch = arch or from_file or "sd15"
+    if arch not in ARCHS:
+        raise ConfigError(f"architecture {arch!r} is not known; use one of {', '.join(ARCHS)}")
+    width, height = _resolution(cfg, arch)
+    train_te = not cfg.network_train_unet_only
+    parts = _static_parts(arch, cfg.network_dim, cfg.optimizer_type, mixed_precision=cfg.mixed_precision,
+                          half_weights=cfg.full_bf16 or cfg.full_fp16, train_text_encoder=train_te,
+                          cache_latents=cfg.cache_latents)
+    act_bytes = 4 if cfg.mixed_precision == "no" else 2
+    coefficient = ACTIVATION_BYTES_PER_MEGAPIXEL[(arch, cfg.gradient_checkpointing)]
+    parts["activations"] = coefficient * cfg.train_batch_size * width * height / 1e6 * act_bytes / 2
+    tokens = cfg.max_token_length + 2 if cfg.max_token_length else 77
+    parts["text_encoder_activations"] = (_text_encoder_activation_bytes(
+        arch, cfg.train_batch_size, tokens, act_bytes, cfg.gradient_checkpointing) if train_te else 0.0)
+    gib = {name: value / GIB for name, value in parts.items()}
+    return VramEstimate(total_gib=sum(gib.values()), parts=gib, arch=arch, arch_inferred=from_file is not None)
+
+
+def _resolution(cfg: TrainingConfig, arch: str) -> tuple[int, int]:
+    if cfg.resolution is None:
+        side = SPECS[arch].default_resolution
+        return side, side
+    return parse_resolution(cfg.resolution)
+
+
+def vram_line(cfg: TrainingConfig, arch: Optional[str] = None) -> str:
+    """One line for ``plan``/``check``/``status``: the estimate and the settings that drive it."""
+    est = estimate_vram(cfg, arch)
+    width, height = _resolution(cfg, est.arch)
+    arch_note = est.arch if est.arch_inferred or arch is not None else f"{est.arch} assumed"
+    checkpointing = "gradient checkpointing" if cfg.gradient_checkpointing else "no gradient checkpointing"
+    details = [arch_note, f"{width}x{height}", f"batch {cfg.train_batch_size}", f"dim {cfg.network_dim}",
+               cfg.optimizer_type, checkpointing]
+    if not cfg.network_train_unet_only:
+        details.append("text encoder trained")
+    return f"VRAM estimate: {est.total_gib:.1f} GiB ({', '.join(details)})"
+
+
+# --------------------------------------------------------------------------- architecture from the file
+
+# Tensor names only SDXL has: the second text encoder of a single-file checkpoint, or the UNet's
+# added time/text embedding (single-file "label_emb", diffusers "add_embedding").
+_SDXL_MARKERS = ("conditioner.embedders.1.", "model.diffusion_model.label_emb.", "add_embedding.")
+_SD_MARKERS = ("model.diffusion_model.", "cond_stage_model.", "down_blocks.", "text_model.")
+
+
+def _safetensors_keys(path: Path) -> Optional[list[str]]:
+    """Tensor names from a safetensors header (8-byte length + JSON), without reading any tensor."""
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024 ** 2:
+                return None
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError):
+        return None
+    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else None
+
+
+def _folder_arch(folder: Path) -> Optional[str]:
+    for name in ("model_index.json", "unet/config.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if "XL" in str(data.get("_class_name", "")) or data.get("addition_embed_type") == "text_time":
+            return "sdxl"
+        if "_class_name" in data:
+            return "sd15"
+    return None
+
+
+def _file_arch(model: str) -> Optional[str]:
+    if not model:
+        return None
+    path = Path(model)
+    if path.is_dir():
+        return _folder_arch(path)
+    if path.suffix != ".safetensors":
+        return None  # a pickled .ckpt cannot be read without loading it
+    keys = _safetensors_keys(path)
+    if not keys:
+        return None
+    if any(key.startswith(_SDXL_MARKERS) for key in keys):
+        return "sdxl"
+    return "sd15" if any(key.startswith(_SD_MARKERS) for key in keys) else None
+
+
+def infer_arch(model: str) -> str:
+    """"sdxl" or "sd15" from a model file's tensor names or a diffusers folder's config; "sd15" when unknown."""
+    return _file_arch(model) or "sd15"
