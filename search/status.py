@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial
 
 from search.worker import trained_count
 
-COLUMNS = ("trial", "state", "dim", "alpha", "lr", "epochs", "optimizer", "accum", "warmup", "score",
+COLUMNS = ("trial", "state", "dim", "alpha", "lr", "epochs", "optimizer", "accum", "warmup", "vram_gib", "score",
            "best_ep", "note")
 
 
@@ -43,7 +43,8 @@ def trial_row(trial: FrozenTrial) -> list[str]:
     return [_fmt(x) for x in (
         trial.number, trial.state.name, p.get("network_dim"), int(alpha) if alpha is not None else None,
         p.get("learning_rate"), p.get("max_train_epochs"), p.get("optimizer_type"),
-        p.get("gradient_accumulation_steps"), p.get("lr_warmup_steps"), trial.value,
+        p.get("gradient_accumulation_steps"), p.get("lr_warmup_steps"), trial.user_attrs.get("vram_estimate_gib"),
+        trial.value,
         trial.user_attrs.get("best_epoch"))] + [_note(trial)]
 
 
@@ -78,3 +79,16 @@ def status_text(study: optuna.Study, n_trials: int) -> str:
         best = study.best_trial
         out.append(f"best: trial {best.number} score {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}")
     return "\n".join(out)
+
+
+def windows_text(windows) -> str:
+    """The tmux worker windows: alive or dead (with exit status) and the GPU each one uses."""
+    if not windows:
+        return "workers: no tmux session (lora-search start launches one; lora-search resume restarts it)"
+    parts = []
+    for w in windows:
+        state = "alive" if w.alive else f"dead (exit {w.exit_status})"
+        parts.append(f"{w.name} gpu {w.gpu if w.gpu is not None else '-'}: {state}")
+    dead = sum(not w.alive for w in windows)
+    hint = f"; {dead} dead: lora-search resume restarts them" if dead else ""
+    return "workers: " + ", ".join(parts) + hint

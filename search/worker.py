@@ -225,6 +225,7 @@ class Worker:
             reason = f"VRAM estimate {vram:.1f} GiB exceeds gpu_memory_gb = {self.settings.study.gpu_memory_gb:g}"
             return self._reject(trial, "vram", [reason])
         if not claim_budget_slot(self.study, trial, self.settings.study.n_trials):
+            trial.set_user_attr("accepted", False)  # lost the race for the last slot: it never trains
             trial.set_user_attr("prune_reason", "budget")
             self.study.tell(trial, state=TrialState.FAIL)
             return "budget"

@@ -41,9 +41,9 @@ def test_kill_9_mid_trial_then_resume(tmp_path, monkeypatch, storage, capsys):
     scored_before = dict(stuck.intermediate_values)
     assert scored_before  # it had reported epochs before it died
 
-    assert main(["resume", "--config", str(cfg)]) == 0
+    assert main(["resume", "--config", str(cfg), "--no-workers"]) == 0
     assert f"re-queued 1 trial(s) of dead workers to continue: {stuck.number}" in capsys.readouterr().out
-    assert main(["resume", "--config", str(cfg)]) == 0  # a second resume changes nothing
+    assert main(["resume", "--config", str(cfg), "--no-workers"]) == 0  # a second resume changes nothing
     assert "no trial of a dead worker found" in capsys.readouterr().out
 
     monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.01")
@@ -68,7 +68,8 @@ def test_resume_on_a_healthy_study_changes_nothing(tmp_path, monkeypatch, capsys
     Worker(load_settings(cfg)).run()
     study = open_study(load_settings(cfg), create=False)
     before = [(t.number, t.state, t.value) for t in study.get_trials()]
-    assert main(["resume", "--config", str(cfg)]) == 0
+    assert main(["resume", "--config", str(cfg), "--socket-name", f"lora-search-test-{os.getpid()}"]) == 0
+    assert "has met its budget; no workers to restart" in capsys.readouterr().out
     assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
 
 

@@ -173,7 +173,8 @@ def test_status_table(project, capsys):
     assert "5 of 5 trials trained" in out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("trial"))
-    assert "state" in header and "score" in header and "note" in header
+    assert "state" in header and "score" in header and "note" in header and "vram_gib" in header
+    assert "workers: no tmux session" in out
     rejected = [t for t in worker.study.get_trials() if t.user_attrs.get("prune_reason") == "constraint"]
     assert f"constraint rejections: {len(rejected)} trial(s)" in out
     for t in rejected:
@@ -209,6 +210,10 @@ def test_configs_over_the_gpu_budget_are_rejected_before_training(project):
     settings = load_settings(cfg)
     settings.study.gpu_memory_gb = 10
     worker = Worker(settings)
+    safe = {"network_dim": 64, "network_alpha_ratio": 0.5, "network_dropout": 0.1, "learning_rate": 8e-5,
+            "text_encoder_lr": 4e-5, "lr_scheduler": "cosine", "max_train_epochs": 2, "min_snr_gamma": 5,
+            "optimizer_type": "AdamW", "gradient_accumulation_steps": 2, "lr_warmup_steps": 100}
+    worker.study.enqueue_trial({**safe, "train_batch_size": 8})  # sampled first: surely over the budget
     worker.run()
     trials = worker.study.get_trials()
     over = [t for t in trials if t.user_attrs.get("prune_reason") == "vram"]

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 from search.settings import StudySettings, load_settings
 
@@ -20,15 +21,42 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
                         help="Optuna storage URL: sqlite:///PATH, postgresql://..., journal:PATH")
 
 
+def add_socket_option(parser: argparse.ArgumentParser) -> None:
+    """``--socket-name``: the tmux socket of lora-search's own tmux server."""
+    from search.tmux import default_socket_name
+
+    parser.add_argument("--socket-name", metavar="NAME", default=None,
+                        help=f"tmux socket of lora-search's own tmux server (default: {default_socket_name()})")
+
+
+def config_path(args: argparse.Namespace) -> Optional[Path]:
+    """The study config file in use: ``--config``, else configs/study.toml when it exists."""
+    if args.config:
+        return Path(args.config)
+    return DEFAULT_STUDY_CONFIG if DEFAULT_STUDY_CONFIG.is_file() else None
+
+
 def settings_from_args(args: argparse.Namespace) -> StudySettings:
-    path = args.config or (DEFAULT_STUDY_CONFIG if DEFAULT_STUDY_CONFIG.is_file() else None)
-    return load_settings(path, study=args.study, storage=args.storage,
+    return load_settings(config_path(args), study=args.study, storage=args.storage,
                          n_trials=getattr(args, "n_trials", None))
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is logged (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", force=True)
+    handler = _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

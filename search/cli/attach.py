@@ -6,7 +6,7 @@ import argparse
 import os
 
 from search.cli._common import add_study_options, settings_from_args
-from search.cli.start import add_socket_option
+from search.cli._common import add_socket_option
 
 
 def register(subparsers) -> None:

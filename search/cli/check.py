@@ -6,6 +6,7 @@ import argparse
 
 from search.constraints import CONSTRAINTS, describe, violations
 from training.config import load_training_config
+from training.vram import vram_line
 
 
 def register(subparsers) -> None:
@@ -22,8 +23,10 @@ def run(args: argparse.Namespace) -> int:
     fired = violations(cfg)
     if not fired:
         print(f"{args.config}: safe ({len(CONSTRAINTS)} safety constraints checked)")
+        print(vram_line(cfg))
         return 0
     print(f"{args.config}: UNSAFE, {len(fired)} of {len(CONSTRAINTS)} safety constraints violated:")
     for constraint in fired:
         print(f"  - {describe(constraint)}")
+    print(vram_line(cfg))
     return 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from search.cli._common import add_study_options, settings_from_args, setup_logging
+from search.cli._common import add_socket_option, add_study_options, config_path, settings_from_args, setup_logging
 
 
 def register(subparsers) -> None:
@@ -13,7 +13,13 @@ def register(subparsers) -> None:
         description="Trials whose worker died are failed and re-queued; their retry continues the run from "
                     "its last saved training state. On a healthy study this changes nothing.")
     add_study_options(parser)
-    parser.add_argument("--foreground", action="store_true", help="run one worker in this terminal afterwards")
+    add_socket_option(parser)
+    parser.add_argument("--no-workers", action="store_true",
+                        help="only recover the trials; do not restart worker windows")
+    parser.add_argument("--gpus", metavar="0,1", default=None,
+                        help="GPUs for a new session when none runs (default: the session's, or 0)")
+    parser.add_argument("--foreground", action="store_true",
+                        help="run one worker in this terminal afterwards instead of tmux windows")
     parser.set_defaults(func=run)
 
 
@@ -33,4 +39,22 @@ def run(args: argparse.Namespace) -> int:
         from search.worker import Worker
 
         Worker(settings).run()
+    elif not args.no_workers:
+        _restart_workers(settings, args, study)
     return 0
+
+
+def _restart_workers(settings, args: argparse.Namespace, study) -> None:
+    from optuna.trial import TrialState
+
+    from search.tmux import parse_gpus, restart_workers, study_cli_args
+    from search.worker import trained_count
+
+    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if not queued and trained_count(study) >= settings.study.n_trials:
+        print(f"study '{settings.study.name}' has met its budget; no workers to restart")
+        return
+    gpus = parse_gpus(args.gpus) if args.gpus else None
+    changed = restart_workers(settings, study_cli_args(settings, config_path(args)), gpus=gpus,
+                              socket_name=args.socket_name)
+    print("restarted: " + ", ".join(changed) if changed else "worker windows: all alive, nothing to restart")

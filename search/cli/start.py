@@ -14,14 +14,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from search.cli._common import DEFAULT_STUDY_CONFIG, add_study_options, settings_from_args, setup_logging
-from search.tmux import MONITOR_SECONDS, MONITOR_WINDOW, default_socket_name
-
-
-def add_socket_option(parser: argparse.ArgumentParser) -> None:
-    """``--socket-name``, shared by start, stop and attach."""
-    parser.add_argument("--socket-name", metavar="NAME", default=None,
-                        help=f"tmux socket of lora-search's own tmux server (default: {default_socket_name()})")
+from search.cli._common import (add_socket_option, add_study_options, config_path, settings_from_args,
+                                setup_logging)
+from search.tmux import MONITOR_SECONDS, MONITOR_WINDOW
 
 
 def register(subparsers) -> None:
@@ -39,13 +34,6 @@ def register(subparsers) -> None:
     parser.add_argument("--monitor-seconds", type=int, default=MONITOR_SECONDS, metavar="S",
                         help=f"how often the monitor window refreshes the status (default: {MONITOR_SECONDS})")
     parser.set_defaults(func=run)
-
-
-def config_path(args: argparse.Namespace) -> Optional[Path]:
-    """The study config the settings came from (the same rule as settings_from_args)."""
-    if args.config:
-        return Path(args.config)
-    return DEFAULT_STUDY_CONFIG if DEFAULT_STUDY_CONFIG.is_file() else None
 
 
 def run(args: argparse.Namespace) -> int:

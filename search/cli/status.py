@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from search.cli._common import add_study_options, settings_from_args
+from search.cli._common import add_socket_option, add_study_options, settings_from_args
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("status", help="table of trials: state, params, score, best epoch, prune reason")
     add_study_options(parser)
+    add_socket_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.status import status_text
+    from search.status import status_text, windows_text
     from search.study import open_study
+    from search.tmux import worker_windows
 
     settings = settings_from_args(args)
     study = open_study(settings, create=False)
     print(status_text(study, settings.study.n_trials))
+    print(windows_text(worker_windows(settings, args.socket_name)))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from search.cli._common import add_study_options, settings_from_args
-from search.cli.start import add_socket_option
+from search.cli._common import add_socket_option
 
 DEFAULT_TIMEOUT = 300.0
 
