@@ -56,15 +56,32 @@ class CommandScorer(CheckpointScorer):
 
 
 class ClipScorer(CheckpointScorer):
-    """The built-in CLIP-weighted evaluator; one instance keeps CLIP and reference embeddings loaded."""
+    """The built-in CLIP-weighted evaluator; one instance keeps CLIP and reference embeddings loaded.
+
+    An epoch saved without samples (a kohya run, or save and sample intervals that differ) is sampled
+    from its checkpoint first. Each scored epoch updates the run's ``scores.json``.
+    """
 
     def __init__(self, evaluator_config: Path):
         from evaluation import Evaluator, load_settings
 
-        self.evaluator = Evaluator(load_settings(evaluator_config))
+        self.settings = load_settings(evaluator_config)
+        self.evaluator = Evaluator(self.settings)
+        self.history: dict[Path, dict[int, object]] = {}
 
     def score(self, run_dir: Path, config_path: Path, epoch: int, checkpoint: Path) -> EpochScore:
+        from evaluation import write_scores
+        from evaluation.samples import open_run
+
+        if not open_run(run_dir).epoch_samples(epoch):
+            from training.config import load_training_config
+            from training.sampling import generate_samples
+
+            generate_samples(load_training_config(config_path), checkpoint, epoch)
         result = self.evaluator.score_epoch(run_dir, epoch)
+        scored = self.history.setdefault(Path(run_dir), {})
+        scored[epoch] = result
+        write_scores(run_dir, list(scored.values()), self.settings)
         images = [result.contact_sheet] if result.contact_sheet else []
         return EpochScore(epoch=epoch, total=result.total, components=dict(result.components), images=images)
 

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.backends import make_backend
 from search.backends.base import TrainerBackend
 from search.constraints import describe, violations
-from search.errors import LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
+from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import StudySettings
 from search.space import SearchSpace, load_search_space
@@ -41,7 +41,7 @@ from search.trial_config import load_base_values, trial_values, write_trial_conf
 from training.config import config_from_dict
 from training.vram import estimate_vram
 
-log = logging.getLogger("lora_search.worker")
+log = logging.getLogger(__name__)
 
 # How long a worker waits for lower-numbered trials that were just sampled to be accepted or rejected
 # before it counts budget slots (constraint checks take milliseconds; a worker that died meanwhile
@@ -168,6 +168,9 @@ class Worker:
         self.settings = settings
         self.space: SearchSpace = load_search_space(settings.study.search_space)
         self.base: dict[str, Any] = load_base_values(settings.study.base_config)
+        if settings.scorer.type == "clip" and not self.base.get("sample_prompts"):
+            raise ConfigError(f"{settings.study.base_config} has no sample_prompts; the CLIP scorer scores sample "
+                              "images: set sample_prompts (e.g. prompts/character.txt) and sample_every_n_epochs")
         # each worker process gets its own sampler seed, so parallel workers do not draw the same trials
         self.study = open_study(settings, seed_offset=os.getpid())
         self.backend = backend or make_backend(settings)

@@ -79,7 +79,9 @@ def test_start_runs_one_worker_per_gpu_until_the_budget(project, sock, capsys, m
     assert len(err.splitlines()) == 1 and len(find_session(settings, sock).windows) == 3
 
     study = open_study(settings, create=False)
-    wait_for(lambda: all(not w.alive for w in worker_windows(settings, sock)), 60, "the workers to finish")
+    # tmux fills in a dead pane's exit status a moment after it marks the pane dead
+    wait_for(lambda: all(not w.alive and w.exit_status is not None for w in worker_windows(settings, sock)), 60,
+             "the workers to finish")
     assert trained_count(study) == 4
     assert {t.state for t in study.get_trials() if t.user_attrs.get("accepted")} == {optuna.trial.TrialState.COMPLETE}
     infos = worker_windows(settings, sock)

@@ -54,9 +54,13 @@ class _CurrentStdout(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = True) -> None:
+    """Progress lines of lora-search's own packages on stdout; libraries keep their default (warnings)."""
     handler = _CurrentStdout()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+    for name in ("search", "training", "evaluation"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

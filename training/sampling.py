@@ -1,0 +1,166 @@
+"""Sample images from the config's prompt file, named ``sample/{output_name}_e{epoch:06d}_{index:02d}.png``.
+
+``sample/prompts.json`` records the prompts exactly as generated (trigger substituted) so the evaluator can
+score prompt adherence: ``{"trigger": str | null, "prompts": [{"index", "prompt", "negative_prompt",
+"width", "height", "seed", "steps", "scale"}]}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from training.atomic import atomic_write_text, atomic_write_with
+from training.config import TrainingConfig
+from training.errors import ConfigError, LoraSearchError
+
+log = logging.getLogger(__name__)
+
+# kohya sample_sampler names -> (diffusers scheduler class, extra config)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+
+
+def sample_dir(cfg: TrainingConfig) -> Path:
+    return Path(cfg.output_dir or ".") / "sample"
+
+
+def sample_path(cfg: TrainingConfig, epoch: int, index: int) -> Path:
+    """Where the image of prompt ``index`` at ``epoch`` is saved."""
+    return sample_dir(cfg) / f"{_output_name(cfg)}_e{epoch:06d}_{index:02d}.png"
+
+
+def _output_name(cfg: TrainingConfig) -> str:
+    return cfg.output_name or "last"
+
+
+def make_scheduler(name: str, base_config: dict) -> Any:
+    """The diffusers scheduler for a kohya sampler name (``k_`` prefixes accepted)."""
+    import diffusers
+
+    key = name.lower().removeprefix("k_")
+    if key not in SAMPLERS:
+        raise ConfigError(f"sample_sampler = {name!r}: unknown sampler; use one of {', '.join(SAMPLERS)}")
+    cls_name, extra = SAMPLERS[key]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    return getattr(diffusers, cls_name).from_config({**config, **extra})
+
+
+def load_prompts(cfg: TrainingConfig) -> list:
+    """The config's sample prompts with ``{trigger}`` replaced by ``metadata_trigger_phrase``."""
+    from training.prompts import load_prompt_file
+
+    return load_prompt_file(cfg.sample_prompts, cfg.metadata_trigger_phrase)
+
+
+def write_prompts_json(cfg: TrainingConfig, prompts: list) -> Path:
+    """Write ``sample/prompts.json`` atomically."""
+    keys = ("index", "prompt", "negative_prompt", "width", "height", "seed", "steps", "scale")
+    data = {"trigger": cfg.metadata_trigger_phrase,
+            "prompts": [{k: getattr(p, k) for k in keys} | {"seed": _seed(cfg, p)} for p in prompts]}
+    return atomic_write_text(sample_dir(cfg) / "prompts.json", json.dumps(data, indent=1))
+
+
+def _seed(cfg: TrainingConfig, prompt: Any) -> int:
+    # A prompt without --d gets a fixed seed per prompt so every epoch's image is comparable.
+    return prompt.seed if prompt.seed is not None else (cfg.seed or 0) + 1000 + prompt.index
+
+
+def build_pipeline(models: Any, scheduler: Any) -> Any:
+    """A diffusers pipeline over the (possibly LoRA-carrying) loaded models."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if models.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=models.vae, text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
+            tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1], unet=models.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(
+        vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0], unet=models.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without disturbing the training random streams (so sampling never changes training)."""
+    from training.state import capture_rng, restore_rng
+
+    saved = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(saved)
+
+
+def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.device,
+                  autocast_dtype: Optional[torch.dtype] = None) -> list[Path]:
+    """Generate every prompt of ``cfg.sample_prompts`` with ``models`` as they are; return the image paths."""
+    prompts = load_prompts(cfg)
+    write_prompts_json(cfg, prompts)
+    modules = [models.unet, models.vae, *models.text_encoders]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    pipe = build_pipeline(models, make_scheduler(cfg.sample_sampler, models.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    paths = []
+    try:
+        with preserved_rng(), torch.no_grad(), _autocast(device, autocast_dtype):
+            for prompt in prompts:
+                pipe.scheduler = make_scheduler(getattr(prompt, "sampler", None) or cfg.sample_sampler,
+                                                models.scheduler_config)
+                paths.append(_generate_one(cfg, pipe, prompt, epoch, device))
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+    log.info("epoch %d: %d sample images in %s", epoch, len(paths), sample_dir(cfg))
+    return paths
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, epoch: int, device: torch.device) -> Path:
+    generator = torch.Generator(device=device.type).manual_seed(_seed(cfg, prompt))
+    image = pipe(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
+                 width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
+                 guidance_scale=prompt.scale, generator=generator).images[0]
+    path = sample_path(cfg, epoch, prompt.index)
+    return atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int) -> list[Path]:
+    """Regenerate the sample images of ``epoch`` from a saved LoRA checkpoint (loaded as diffusers does)."""
+    from training.models import load_models
+    from training.trainer import pick_device
+
+    if not cfg.sample_prompts:
+        raise ConfigError("sample_prompts is not set; add a prompt file under [saving] to generate samples")
+    lora_path = Path(lora_path)
+    if not lora_path.is_file():
+        raise LoraSearchError(f"LoRA checkpoint {lora_path} not found; check the path")
+    device = pick_device()
+    models = load_models(cfg)
+    pipe = build_pipeline(models, make_scheduler(cfg.sample_sampler, models.scheduler_config))
+    pipe.load_lora_weights(str(lora_path))
+    pipe.to(device)
+    return sample_images(cfg, models, epoch, device)

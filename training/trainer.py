@@ -1,0 +1,613 @@
+"""The training loop: one kohya-style LoRA run from a :class:`TrainingConfig`.
+
+Per epoch, in order: train, save the checkpoint when due, save the training state, sample images when
+due, then call ``on_epoch_end``. So when the callback raises (a study pruning the trial), everything of
+that epoch is already on disk and ``train(cfg, resume=True)`` continues from it.
+
+Checkpoints: ``{output_name}-{epoch:06d}.safetensors`` every ``save_every_n_epochs`` before the last
+epoch, ``{output_name}.safetensors`` at the end (as sd-scripts). A training state is written after every
+epoch that saves a checkpoint, after every epoch when ``save_state = true``, and after the last epoch;
+the two newest are kept. Attention runs on PyTorch SDPA (diffusers' default processor).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
+from training.errors import ConfigError, LoraSearchError
+from training.models import encode_captions
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Keys that may differ between a saved state and the config it resumes with (they do not change training).
+RESUME_FREE_KEYS = frozenset({
+    "output_dir", "logging_dir", "sample_prompts", "sample_every_n_epochs", "sample_sampler",
+    "save_every_n_epochs", "save_state", "training_comment", "max_data_loader_n_workers",
+    "persistent_data_loader_workers", "metadata_trigger_phrase", "save_precision",
+})
+
+
+@dataclass
+class EpochEnd:
+    """What ``on_epoch_end`` receives after an epoch's files are saved."""
+
+    epoch: int  # 1-based
+    global_step: int
+    checkpoint: Optional[Path]  # None when no checkpoint was saved this epoch
+    samples: list[Path]  # empty when no samples were generated this epoch
+    run_dir: Path  # = output_dir
+
+
+@dataclass
+class TrainResult:
+    """The finished run: its final LoRA file, epochs and optimizer steps."""
+
+    checkpoint: Path
+    epochs: int
+    steps: int
+
+
+@dataclass
+class _Run:
+    cfg: TrainingConfig
+    out: Path
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    seed: int
+    models: Any
+    network: Any
+    dataset: Any
+    noise_scheduler: Any
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    latents: Optional[list] = None
+    flipped: Optional[list] = None
+    steps_per_epoch: int = 0
+    epochs: int = 0
+    total_steps: int = 0
+    global_step: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[Callable[[EpochEnd], None]] = None,
+          latent_cache_dir: str | Path | None = None) -> TrainResult:
+    """Train a LoRA as ``cfg`` says; with ``resume`` continue from the newest complete state in output_dir.
+
+    Latents are cached under ``latent_cache_dir`` (default ``$LORA_SEARCH_CACHE`` or
+    ``~/.cache/lora-search``) when ``cache_latents`` is set. Exceptions from ``on_epoch_end`` propagate.
+    """
+    out = _output_dir(cfg)
+    run = _setup(cfg, out, latent_cache_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only once the config, data and model are known to be usable
+    try:
+        start = _resume(run) if resume else 0
+        _write_config_copy(cfg, out)
+        if start >= run.epochs:
+            log.info("the run in %s already finished (epoch %d, step %d)", out, start, run.global_step)
+        else:
+            log.info("training %d epochs, %d steps (%d per epoch) from epoch %d, step %d", run.epochs,
+                     run.total_steps, run.steps_per_epoch, start + 1, run.global_step)
+        for epoch in range(start + 1, run.epochs + 1):
+            _train_epoch(run, epoch)
+            event = _end_epoch(run, epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(event)
+        final = _final_path(run)
+        if not final.is_file():  # a resume of a finished run whose final file went missing
+            _save_checkpoint(run, run.epochs, final)
+        return TrainResult(checkpoint=final, epochs=run.epochs, steps=run.global_step)
+    finally:
+        _release(run)
+
+
+def _output_dir(cfg: TrainingConfig) -> Path:
+    if not cfg.output_dir:
+        raise ConfigError('output_dir is not set; add output_dir = "runs/my_lora" under [saving]')
+    return Path(cfg.output_dir)
+
+
+def _release(run: _Run) -> None:
+    run.models = run.network = run.optimizer = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- set-up --------------------------------------------------------------------------------------------
+
+def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) -> _Run:
+    from training.data import TrainDataset
+    from training.models import load_models
+
+    _check_supported(cfg)
+    if cfg.sample_prompts:
+        from training.sampling import load_prompts
+
+        load_prompts(cfg)  # a bad prompt file fails now, not after the first epoch
+    seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
+    seed_everything(seed)
+    device = pick_device()
+    dataset = TrainDataset.from_config(cfg)
+    models = load_models(cfg)
+    run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
+               seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
+               noise_scheduler=_noise_scheduler(cfg))
+    _place_models(run)
+    _plan_steps(run)
+    _cache_latents(run, latent_cache_dir)
+    _build_optimization(run)
+    return run
+
+
+def _check_supported(cfg: TrainingConfig) -> None:
+    if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
+        raise ConfigError("network_train_unet_only and network_train_text_encoder_only are both true; set one")
+    if cfg.network_args:
+        raise ConfigError(f"network_args = {cfg.network_args!r}: the built-in trainer has no extra network options "
+                          "(conv_dim, rank_dropout, ...); remove them")
+    if cfg.full_fp16:
+        raise ConfigError("full_fp16 = true: fp16 LoRA weights cannot be gradient-scaled; use mixed_precision = "
+                          '"fp16" alone, or "bf16" with full_bf16')
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError('mixed_precision = "fp16" needs a CUDA GPU; use "bf16" or "no" on this machine')
+
+
+def _build_network(cfg: TrainingConfig, models: Any) -> Any:
+    from training.network import LoraNetwork
+
+    network = LoraNetwork(
+        models.unet, models.text_encoders, dim=cfg.network_dim, alpha=cfg.network_alpha,
+        dropout=cfg.network_dropout, train_unet=not cfg.network_train_text_encoder_only,
+        train_text_encoder=not cfg.network_train_unet_only, sgm_names=models.is_sdxl,
+    )
+    if cfg.network_weights:
+        network.load(cfg.network_weights)
+    log.info("LoRA modules: %s", ", ".join(f"{k} {v}" for k, v in network.module_counts().items()))
+    return network
+
+
+def _noise_scheduler(cfg: TrainingConfig) -> Any:
+    from diffusers import DDPMScheduler
+
+    # sd-scripts trains every SD model on this schedule, whatever the checkpoint's sampling scheduler.
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")
+
+
+def _place_models(run: _Run) -> None:
+    """Move models to the device; frozen weights in the mixed-precision dtype, LoRA weights in float32."""
+    cfg, models = run.cfg, run.models
+    weight_dtype = run.autocast_dtype or torch.float32
+    lora_dtype = weight_dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
+    vae_dtype = torch.float32 if (cfg.no_half_vae or run.autocast_dtype is None) else weight_dtype
+    if next(models.vae.parameters()).dtype != vae_dtype:
+        models.vae.to(dtype=vae_dtype)
+    models.vae.to(run.device).requires_grad_(False).eval()
+    trains_te = any(p.prefix != "lora_unet" for p in run.network.parts)
+    for module in [models.unet, *models.text_encoders]:
+        module.to(run.device)
+        for name, param in module.named_parameters():
+            param.data = param.data.to(lora_dtype if "lora_" in name else weight_dtype)
+        module.train(module is models.unet or trains_te)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if trains_te:
+            for te in models.text_encoders:
+                _enable_te_checkpointing(te)
+
+
+def _enable_te_checkpointing(te: Any) -> None:
+    # Non-reentrant checkpointing lets gradients reach LoRA weights behind frozen embeddings.
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _plan_steps(run: _Run) -> None:
+    """Optimizer steps per epoch, epochs and total steps, as sd-scripts counts them."""
+    cfg = run.cfg
+    batches = run.dataset.batches_per_epoch(cfg.train_batch_size)
+    run.steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+    if cfg.max_train_epochs:
+        run.epochs = cfg.max_train_epochs
+        run.total_steps = run.epochs * run.steps_per_epoch
+    else:
+        run.total_steps = cfg.max_train_steps
+        run.epochs = math.ceil(run.total_steps / run.steps_per_epoch)
+
+
+def _build_optimization(run: _Run) -> None:
+    from training.optim import build_optimizer, build_scheduler
+
+    cfg = run.cfg
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    groups = run.network.param_groups(cfg.effective_unet_lr, te_lr)
+    run.optimizer = build_optimizer(cfg, groups)
+    run.scheduler = build_scheduler(cfg, run.optimizer, run.total_steps)
+    if cfg.mixed_precision == "fp16":
+        run.scaler = torch.amp.GradScaler(run.device.type)
+
+
+def default_cache_dir() -> Path:
+    """Where latents are cached when no folder is given."""
+    return Path(os.environ.get("LORA_SEARCH_CACHE") or Path.home() / ".cache" / "lora-search") / "latents"
+
+
+def _cache_latents(run: _Run, cache_dir: str | Path | None) -> None:
+    import tempfile
+
+    from training.latent_cache import LatentCache
+    from training.sampling import preserved_rng
+
+    cfg = run.cfg
+    if not cfg.cache_latents or cfg.color_aug:
+        if cfg.cache_latents:
+            log.warning("color_aug changes pixels every step; latents are not cached")
+        return
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    temp = None if cfg.cache_latents_to_disk else tempfile.TemporaryDirectory(prefix="lora-search-latents-")
+    cache = LatentCache(temp.name if temp else folder)
+    # A fixed generator makes cached latents independent of the run, and the training streams untouched.
+    with preserved_rng():
+        run.latents, run.flipped = cache.encode_dataset(run.dataset, _encoder(run, seeded=True), _vae_key(run),
+                                                        cfg.vae_batch_size)
+    if temp:
+        temp.cleanup()
+
+
+def _vae_key(run: _Run) -> str:
+    """The identity of the VAE weights, dtype and scaling for the latent cache."""
+    import hashlib
+
+    vae = run.models.vae
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return f"{digest.hexdigest()}|{next(vae.parameters()).dtype}|{vae.config.scaling_factor}"
+
+
+def _encoder(run: _Run, seeded: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    vae = run.models.vae
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(run.device.type).manual_seed(0) if seeded else None
+        pixels = pixels.to(run.device, dtype=next(vae.parameters()).dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        return (latents * vae.config.scaling_factor).float().cpu()
+
+    return encode
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+def _resume(run: _Run) -> int:
+    """Load the newest complete state into the run; return the epoch it finished (0 when none)."""
+    from training.state import latest_state, load_state, restore_rng
+
+    folder = latest_state(run.out)
+    if folder is None:
+        log.warning("no saved training state in %s; starting from epoch 1", run.out / "state")
+        return 0
+    state = load_state(folder)
+    _check_resume_config(run.cfg, state.config, folder)
+    if state.total_steps and state.total_steps != run.total_steps:
+        raise LoraSearchError(f"cannot resume from {folder}: the run now has {run.total_steps} steps, the saved one "
+                              f"{state.total_steps} (were images added or removed?); restore the dataset or use a new output_dir")
+    run.network.load_kohya_state_dict(state.lora, str(folder))
+    run.optimizer.load_state_dict(state.optimizer)
+    run.scheduler.load_state_dict(state.scheduler)
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
+    restore_rng(state.rng)
+    run.seed, run.global_step = state.seed, state.global_step
+    log.info("resuming from %s (epoch %d, step %d)", folder, state.epoch, state.global_step)
+    return state.epoch
+
+
+def _training_keys(cfg: TrainingConfig | dict) -> dict:
+    values = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    return {k: v for k, v in values.items() if k not in RESUME_FREE_KEYS}
+
+
+def _check_resume_config(cfg: TrainingConfig, saved: dict, folder: Path) -> None:
+    now, then = _training_keys(cfg), _training_keys(saved)
+    if now.get("seed") is None:
+        now.pop("seed", None), then.pop("seed", None)  # an unseeded run resumes with its recorded seed
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    if changed:
+        raise LoraSearchError(f"cannot resume from {folder}: the config changed ({', '.join(changed)}); "
+                              "restore those keys or use a new output_dir")
+
+
+def _write_config_copy(cfg: TrainingConfig, out: Path) -> None:
+    target = out / "config.toml"
+    if target.is_file():
+        try:
+            if load_training_config(target) == cfg:
+                return  # the run was started from this very file (or an identical one)
+        except ConfigError:
+            pass
+    write_config(target, cfg.to_dict(include_defaults=False), header="# the config this run trained with")
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+def _train_epoch(run: _Run, epoch: int) -> None:
+    """One pass over the epoch's batches with gradient accumulation; updates run.global_step."""
+    cfg = run.cfg
+    accum = cfg.gradient_accumulation_steps
+    batches = run.dataset.epoch_batches(cfg.train_batch_size, run.seed, epoch)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    bar = _progress(run, epoch)
+    losses, started, steps_before = [], time.perf_counter(), run.global_step
+    def make(batch_no: int) -> Any:
+        return run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents, run.flipped)
+
+    for batch_no, batch in enumerate(_prefetched(make, len(batches), cfg.max_data_loader_n_workers)):
+        if run.global_step >= run.total_steps:
+            break
+        loss = _loss(run, batch)
+        _backward(run, loss / accum)
+        losses.append(loss.item())
+        if (batch_no + 1) % accum == 0 or batch_no == len(batches) - 1:
+            _optimizer_step(run, params)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-accum:]):.4f}", lr=f"{_lr(run):.2e}")
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+    log.info("epoch %d/%d: loss %.4f, lr %.2e, %.2f it/s, step %d/%d", epoch, run.epochs,
+             float(np.mean(losses)) if losses else float("nan"), _lr(run),
+             (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps)
+
+
+def _prefetched(make: Callable[[int], Any], count: int, workers: int) -> Iterator[Any]:
+    """``make(0), make(1), ...`` in order, built up to ``2 * workers`` ahead on worker threads.
+
+    Batches depend only on their (seed, epoch, batch number), never on the order they are built in, so
+    threads change speed, not results. Image decoding releases the GIL.
+    """
+    if workers <= 0:
+        yield from (make(i) for i in range(count))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batches") as pool:
+        pending = [pool.submit(make, i) for i in range(min(count, 2 * workers))]
+        for i in range(count):
+            batch = pending[i].result()
+            pending[i] = None  # free it once handed out
+            if i + 2 * workers < count:
+                pending.append(pool.submit(make, i + 2 * workers))
+            yield batch
+
+
+def _progress(run: _Run, epoch: int) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=run.global_step, desc=f"epoch {epoch}/{run.epochs}",
+                unit="step", dynamic_ncols=True, leave=epoch == run.epochs)
+
+
+def _lr(run: _Run) -> float:
+    return float(run.scheduler.get_last_lr()[0])
+
+
+def _backward(run: _Run, loss: torch.Tensor) -> None:
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def _optimizer_step(run: _Run, params: list) -> None:
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if run.cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.global_step += 1
+
+
+def _autocast(run: _Run) -> Any:
+    import contextlib
+
+    if run.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
+
+
+def _loss(run: _Run, batch: Any) -> torch.Tensor:
+    """The (min-SNR weighted) noise- or v-prediction MSE of one batch."""
+    cfg, sched = run.cfg, run.noise_scheduler
+    latents = batch.latents if batch.latents is not None else _encoder(run)(batch.pixels)
+    latents = latents.to(run.device)
+    noise = torch.randn_like(latents)
+    if cfg.noise_offset:
+        noise = apply_noise_offset(noise, cfg.noise_offset)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=run.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    trains_te = any(part.prefix != "lora_unet" and part.trained for part in run.network.parts)
+    with _autocast(run):
+        with torch.set_grad_enabled(trains_te):  # a frozen text encoder needs no activation memory
+            hidden, added = encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch,
+                                            cfg.max_token_length)
+        pred = run.models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+    target = sched.get_velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        loss = loss * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
+    return loss.mean()
+
+
+def apply_noise_offset(noise: torch.Tensor, offset: float) -> torch.Tensor:
+    """sd-scripts' noise offset: one extra random value per sample and channel, scaled by ``offset``."""
+    return noise + offset * torch.randn(noise.shape[0], noise.shape[1], 1, 1, device=noise.device, dtype=noise.dtype)
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Per-sample loss weights ``min(snr, gamma) / snr`` (``/ (snr + 1)`` for v-prediction)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return (clipped / (snr + 1) if v_prediction else clipped / snr).float()
+
+
+# --- end of epoch --------------------------------------------------------------------------------------
+
+def _end_epoch(run: _Run, epoch: int) -> EpochEnd:
+    """Save what is due for ``epoch``: checkpoint, state, samples (in that order)."""
+    from training.sampling import sample_images
+
+    cfg = run.cfg
+    last = epoch == run.epochs
+    checkpoint = None
+    if last:
+        checkpoint = _save_checkpoint(run, epoch, _final_path(run))
+    elif cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
+        checkpoint = _save_checkpoint(run, epoch, run.out / f"{_name(cfg)}-{epoch:06d}.safetensors")
+    if checkpoint is not None or cfg.save_state or last:
+        _save_state(run, epoch)
+    samples = []
+    if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+        samples = sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype)
+    return EpochEnd(epoch=epoch, global_step=run.global_step, checkpoint=checkpoint, samples=samples, run_dir=run.out)
+
+
+def _name(cfg: TrainingConfig) -> str:
+    return cfg.output_name or "last"
+
+
+def _final_path(run: _Run) -> Path:
+    return run.out / f"{_name(run.cfg)}.safetensors"
+
+
+def _save_checkpoint(run: _Run, epoch: int, path: Path) -> Path:
+    from training.network import save_dtype
+
+    run.network.save(path, kohya_metadata(run, epoch), save_dtype(run.cfg.save_precision))
+    log.info("saved %s", path)
+    return path
+
+
+def _save_state(run: _Run, epoch: int) -> None:
+    from training.state import TrainingState, capture_rng, save_state
+
+    state = TrainingState(
+        epoch=epoch, global_step=run.global_step, seed=run.seed,
+        lora={k: v.float() for k, v in run.network.kohya_state_dict().items()},
+        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler is not None else None, rng=capture_rng(),
+        config=run.cfg.to_dict(), total_steps=run.total_steps,
+    )
+    save_state(run.out, state)
+
+
+def kohya_metadata(run: _Run, epoch: int) -> dict[str, str]:
+    """The ``ss_*`` and ``modelspec.*`` metadata sd-scripts writes into a LoRA file."""
+    cfg, models = run.cfg, run.models
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    resolution = parse_resolution(cfg.resolution) if cfg.resolution else (512, 512)
+    values: dict[str, Any] = {
+        "ss_network_module": cfg.network_module, "ss_network_dim": cfg.network_dim,
+        "ss_network_alpha": run.network.alpha, "ss_network_dropout": cfg.network_dropout,
+        "ss_base_model_version": models.base_model_version, "ss_v2": cfg.v2,
+        "ss_v_parameterization": cfg.v_parameterization,
+        "ss_learning_rate": cfg.learning_rate, "ss_unet_lr": cfg.effective_unet_lr, "ss_text_encoder_lr": te_lr,
+        "ss_lr_scheduler": cfg.lr_scheduler, "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_optimizer": _optimizer_label(cfg), "ss_mixed_precision": cfg.mixed_precision,
+        "ss_num_train_images": run.dataset.num_examples, "ss_num_epochs": run.epochs, "ss_epoch": epoch,
+        "ss_steps": run.global_step, "ss_max_train_steps": run.total_steps,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps, "ss_min_snr_gamma": cfg.min_snr_gamma,
+        "ss_noise_offset": cfg.noise_offset, "ss_seed": run.seed, "ss_output_name": cfg.output_name,
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})", "ss_keep_tokens": cfg.keep_tokens,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate, "ss_batch_size_per_device": cfg.train_batch_size,
+        "ss_training_started_at": run.started_at, "ss_training_finished_at": time.time(),
+        "ss_tag_frequency": json.dumps(_tag_frequency(run.dataset.items)),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(run.dataset.items)),
+        "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name,
+        "ss_vae_name": Path(cfg.vae).name if cfg.vae else None, "ss_clip_skip": cfg.clip_skip,
+        "ss_training_comment": cfg.training_comment,
+    }
+    meta = {k: str(v) for k, v in values.items() if v is not None}
+    return meta | _modelspec(cfg, models.is_sdxl, resolution)
+
+
+def _optimizer_label(cfg: TrainingConfig) -> str:
+    from training.optim import _optimizer_class
+
+    cls, _ = _optimizer_class(cfg.optimizer_type)
+    label = f"{cls.__module__}.{cls.__name__}"
+    return label + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else "")
+
+
+def _modelspec(cfg: TrainingConfig, is_sdxl: bool, resolution: tuple[int, int]) -> dict[str, str]:
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if is_sdxl else "stable-diffusion-v1/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if is_sdxl else "diffusers",
+        "modelspec.title": _name(cfg), "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.prediction_type": "v" if cfg.v_parameterization else "epsilon",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if cfg.metadata_trigger_phrase:
+        spec["modelspec.trigger_phrase"] = cfg.metadata_trigger_phrase
+    return spec
+
+
+def _tag_frequency(items: list) -> dict[str, dict[str, int]]:
+    freq: dict[str, dict[str, int]] = {}
+    for item in items:
+        tags = freq.setdefault(item.path.parent.name, {})
+        for tag in (t.strip() for t in item.caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    return freq
+
+
+def _dataset_dirs(items: list) -> dict[str, dict[str, int]]:
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        entry = dirs.setdefault(item.path.parent.name, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
