@@ -22,8 +22,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _progress(trial: FrozenTrial) -> str:
+    """``epoch 3/20, last 0.62, ETA 2h10m`` for a running trial (from the epochs it finished so far)."""
+    p = trial.user_attrs.get("progress")
+    if not p:
+        return "starting"
+    parts = [f"epoch {p['epoch']}/{p['epochs'] or '?'}"]
+    scores = trial.user_attrs.get("epoch_scores", {})
+    if scores:
+        parts.append(f"last {scores[max(scores, key=int)]:.4f}")
+    done = p["epoch"] - p["first_epoch"] + 1
+    if p["epochs"] and done > 0:
+        per_epoch = (p["updated"] - p["started"]) / done
+        parts.append("ETA " + _duration(per_epoch * (p["epochs"] - p["epoch"])))
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
+
+
 def _note(trial: FrozenTrial) -> str:
     attrs = trial.user_attrs
+    if trial.state.name == "RUNNING":
+        return _progress(trial)
     reason = attrs.get("prune_reason")
     if reason == "constraint":
         return "rejected: constraint " + ", ".join(str(i) for i in attrs.get("constraints_violated", []))

@@ -14,6 +14,7 @@ racing for the last slot never both train.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -49,6 +50,28 @@ log = logging.getLogger(__name__)
 DECISION_WAIT_S = 15.0
 # A space whose every draw is rejected would otherwise sample for ever.
 MAX_REJECTIONS_IN_A_ROW = 500
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised at an epoch boundary after ``request_stop``: the trial is queued to continue, the worker exits."""
+
+
+@contextlib.contextmanager
+def trial_log(path: Path):
+    """Copy lora-search's log lines (worker, trainer, evaluator) into the trial's own log file."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("search", "training", "evaluation")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def free_gpu_memory() -> None:
@@ -134,9 +157,19 @@ class TrialRun:
     run_dir: Path
     config_path: Path
     maximize: bool
+    epochs: Optional[int] = None
     best_epoch: Optional[int] = None
     best_score: Optional[float] = None
     best_checkpoint: Optional[Path] = None
+    started: float = dataclasses.field(default_factory=time.time)
+    first_epoch: Optional[int] = None
+
+    def progress(self, epoch: int) -> None:
+        """Record the finished epoch and when, for ``status`` (epoch k of n, ETA)."""
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+        self.trial.set_user_attr("progress", {"epoch": epoch, "epochs": self.epochs, "first_epoch": self.first_epoch,
+                                              "started": self.started, "updated": time.time()})
 
     def __post_init__(self) -> None:
         # A retry inherits its crashed run's attrs: its epochs scored so far still count.
@@ -176,6 +209,11 @@ class Worker:
         self.backend = backend or make_backend(settings)
         self.scorer = scorer or make_scorer(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """Finish the current epoch (its checkpoint and state are saved), queue the trial to continue, exit."""
+        self.stop_requested = True
 
     @property
     def study_dir(self) -> Path:
@@ -185,11 +223,18 @@ class Worker:
         """Work until the study's budget is met (or ``max_trials`` trials trained here); returns that count."""
         trained = rejected_in_a_row = 0
         while max_trials is None or trained < max_trials:
+            if self.stop_requested:
+                log.info("stopped on request; lora-search start or resume continues the study")
+                break
             retries = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             if not retries and trained_count(self.study) >= self.settings.study.n_trials:
                 log.info("budget of %d trained trials reached", self.settings.study.n_trials)
                 break
-            outcome = self.run_next()
+            try:
+                outcome = self.run_next()
+            except StopRequested:
+                log.info("stopped on request after an epoch; the trial is queued to continue")
+                break
             if outcome == "budget":
                 break
             trained += outcome != "rejected"
@@ -257,11 +302,12 @@ class Worker:
         cfg = write_trial_config(config_path, values, header)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         trial.set_user_attr("config", values)
-        run = TrialRun(trial, run_dir, config_path, self.settings.study.direction == "maximize")
-        log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
+        run = TrialRun(trial, run_dir, config_path, self.settings.study.direction == "maximize",
+                       epochs=cfg.max_train_epochs)
         try:
-            with heartbeat(self.study, trial):
-                self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_checkpoint(run, epoch, ckpt),
+            with heartbeat(self.study, trial), trial_log(run_dir / "train.log"):
+                log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
+                self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_epoch(run, epoch, ckpt),
                                    resume=resume)
         except optuna.TrialPruned:
             trial.set_user_attr("prune_reason", "quality")
@@ -304,9 +350,14 @@ class Worker:
         log.warning("trial %d failed: %s", trial.number, reason)
         return "failed"
 
-    def _on_checkpoint(self, run: TrialRun, epoch: int, checkpoint: Path) -> None:
-        if str(epoch) in run.trial.user_attrs.get("epoch_scores", {}):
-            return  # scored before a crash; the retry inherited the score
+    def _on_epoch(self, run: TrialRun, epoch: int, checkpoint: Optional[Path]) -> None:
+        run.progress(epoch)
+        if checkpoint is not None and str(epoch) not in run.trial.user_attrs.get("epoch_scores", {}):
+            self._score(run, epoch, checkpoint)  # (an epoch scored before a crash keeps its inherited score)
+        if self.stop_requested:
+            raise StopRequested(f"stop requested after epoch {epoch}")
+
+    def _score(self, run: TrialRun, epoch: int, checkpoint: Path) -> None:
         result = self.scorer.score(run.run_dir, run.config_path, epoch, checkpoint)
         if not math.isfinite(result.total):
             raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")

@@ -1,6 +1,5 @@
 """Step budget arithmetic, the seed-004 auto-steps rule, the dataset report and ``lora-search plan``."""
 
-import math
 from pathlib import Path
 
 import pytest

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -116,3 +116,60 @@ def test_ctrl_c_before_training_leaves_nothing_running(tmp_path, monkeypatch):
         Worker(settings).run()
     [trial] = open_study(settings, create=False).get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted before training"
+
+
+def test_requested_stop_finishes_the_epoch_and_queues_the_trial(tmp_path, monkeypatch):
+    from search.scoring import CheckpointScorer, EpochScore
+    from search.status import status_text
+
+    seen = []
+
+    class StopDuringEpoch2(CheckpointScorer):
+        def score(self, run_dir, config_path, epoch, checkpoint):
+            seen.append(status_text(worker.study, 2))
+            if epoch == 2:
+                worker.request_stop()  # what the first Ctrl-C / SIGTERM does
+            return EpochScore(epoch, 0.1 * epoch)
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(make_project(tmp_path, n_trials=2, epochs_choices=(4,)))
+    worker = Worker(settings, scorer=StopDuringEpoch2())
+    assert worker.run() == 0  # returns cleanly instead of raising
+    study = open_study(settings, create=False)
+    [stopped] = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert stopped.intermediate_values == {1: 0.1, 2: 0.2}  # the epoch in progress was finished and scored
+    assert stopped.user_attrs["fail_reason"] == "interrupted; queued to continue"
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    assert "epoch 2/4" in seen[1] and "last 0.1000" in seen[1] and "ETA" in seen[1]  # status of a running trial
+    assert (Path(stopped.user_attrs["run_dir"]) / "train.log").read_text().count("trial ") >= 1
+
+
+@pytest.mark.slow
+def test_builtin_trainer_retry_continues_from_the_saved_state(tmp_path, monkeypatch, capsys):
+    """kill -9 a worker training with the real (tiny) trainer; the retry resumes, it does not restart."""
+    from search.demo import SAFE_PARAMS, prepare
+
+    monkeypatch.chdir(tmp_path)
+    paths = prepare(tmp_path / "demo", n_trials=1, say=lambda _: None)
+    settings = load_settings(paths.study_config)
+    open_study(settings).enqueue_trial({**SAFE_PARAMS, "max_train_epochs": 4})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "search", "worker", "--config", str(paths.study_config)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        running = open_study(settings).get_trials(states=(TrialState.RUNNING,))
+        if running and running[0].user_attrs.get("progress", {}).get("epoch", 0) >= 2:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["resume", "--config", str(paths.study_config), "--no-workers"]) == 0
+    Worker(settings).run()
+    study = open_study(settings, create=False)
+    [retry] = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") is not None]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["progress"]["first_epoch"] >= 3  # it went on from the saved epoch
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
+    log = (Path(retry.user_attrs["run_dir"]) / "train.log").read_text()
+    assert "resuming from" in log

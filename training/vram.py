@@ -23,7 +23,6 @@ Nothing here imports torch: ``check`` and ``status`` show the estimate and must 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path

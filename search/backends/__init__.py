@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from search.backends.base import CheckpointCallback, TrainerBackend
+from search.backends.base import EpochCallback, TrainerBackend
 from search.settings import StudySettings
 
-__all__ = ["CheckpointCallback", "TrainerBackend", "make_backend"]
+__all__ = ["EpochCallback", "TrainerBackend", "make_backend"]
 
 
 def make_backend(settings: StudySettings) -> TrainerBackend:

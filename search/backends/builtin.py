@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search.backends.base import CheckpointCallback, TrainerBackend
+from search.backends.base import EpochCallback, TrainerBackend
 from training.config import TrainingConfig
 
 
 class BuiltinBackend(TrainerBackend):
-    def train(self, config_path: Path, cfg: TrainingConfig, on_checkpoint: CheckpointCallback,
-              resume: bool = False) -> None:
+    """Every epoch is reported (the trainer has saved its checkpoint and state by then)."""
+
+    def train(self, config_path: Path, cfg: TrainingConfig, on_epoch: EpochCallback, resume: bool = False) -> None:
         from training import train
 
         def on_epoch_end(end) -> None:
-            if end.checkpoint is not None:
-                on_checkpoint(end.epoch, Path(end.checkpoint))
+            on_epoch(end.epoch, Path(end.checkpoint) if end.checkpoint is not None else None)
 
         train(cfg, resume=resume, on_epoch_end=on_epoch_end)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from search.backends.base import CheckpointCallback, TrainerBackend
+from search.backends.base import EpochCallback, TrainerBackend
 from search.errors import OutOfMemory, TrainingFailed
 from training.config import TrainingConfig
 
@@ -26,8 +26,7 @@ class KohyaBackend(TrainerBackend):
         self.command = command
         self.poll_seconds = poll_seconds
 
-    def train(self, config_path: Path, cfg: TrainingConfig, on_checkpoint: CheckpointCallback,
-              resume: bool = False) -> None:
+    def train(self, config_path: Path, cfg: TrainingConfig, on_epoch: EpochCallback, resume: bool = False) -> None:
         run_dir = Path(cfg.output_dir)
         argv = [part.format(config=config_path, run_dir=run_dir) for part in self.command]
         watcher = _CheckpointWatcher(run_dir, cfg.output_name or "last", cfg.max_train_epochs)
@@ -37,7 +36,7 @@ class KohyaBackend(TrainerBackend):
             except OSError as exc:
                 raise TrainingFailed(f"cannot run {argv[0]!r} ({exc.strerror}); fix [backend] command") from None
             try:
-                self._follow(proc, watcher, on_checkpoint)
+                self._follow(proc, watcher, on_epoch)
             except BaseException:
                 _stop(proc)
                 raise
@@ -48,11 +47,12 @@ class KohyaBackend(TrainerBackend):
                 raise OutOfMemory(message + " (CUDA out of memory)")
             raise TrainingFailed(message)
 
-    def _follow(self, proc: subprocess.Popen, watcher: "_CheckpointWatcher", on_checkpoint: CheckpointCallback):
+    def _follow(self, proc: subprocess.Popen, watcher: "_CheckpointWatcher", on_epoch: EpochCallback):
+        """sd-scripts' epochs are only visible through its checkpoints, so only saved epochs are reported."""
         while True:
             finished = proc.poll() is not None
             for epoch, path in watcher.ready(process_ended=finished):
-                on_checkpoint(epoch, path)
+                on_epoch(epoch, path)
             if finished:
                 return
             time.sleep(self.poll_seconds)

@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("no trial of a dead worker found")
     if args.foreground:
-        from search.worker import Worker
+        from search.cli.worker import run_worker
 
-        Worker(settings).run()
-    elif not args.no_workers:
+        return run_worker(settings)
+    if not args.no_workers:
         _restart_workers(settings, args, study)
     return 0
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
-from search.cli._common import (add_socket_option, add_study_options, config_path, settings_from_args,
-                                setup_logging)
-from search.tmux import MONITOR_SECONDS, MONITOR_WINDOW
+from search.cli._common import add_socket_option, add_study_options, config_path, settings_from_args
+from search.tmux import MONITOR_SECONDS, MONITOR_WINDOW, default_socket_name
 
 
 def register(subparsers) -> None:
@@ -53,14 +51,9 @@ def _foreground(settings, gpus: Optional[list[int]]) -> int:
         if len(gpus) > 1:
             raise TmuxError(f"--foreground runs one worker; pass one GPU (--gpus {gpus[0]}) or drop --foreground")
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])  # before anything initialises CUDA
-    from search.worker import Worker, trained_count
+    from search.cli.worker import run_worker
 
-    setup_logging()
-    worker = Worker(settings)
-    trained = worker.run()
-    print(f"worker done: trained {trained} trial(s) here; study '{settings.study.name}' has "
-          f"{trained_count(worker.study)} of {settings.study.n_trials} trained")
-    return 0
+    return run_worker(settings)
 
 
 def _start_tmux(settings, gpus: list[int], args: argparse.Namespace) -> int:

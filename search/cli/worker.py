@@ -17,17 +17,31 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_worker(settings_from_args(args))
+
+
+def run_worker(settings) -> int:
+    """One worker in this terminal until the budget is met (or a stop is requested)."""
     from search.worker import Worker, trained_count
 
     setup_logging()
-    signal.signal(signal.SIGTERM, _stop_requested)  # `kill`/`lora-search stop`: like Ctrl-C
-    settings = settings_from_args(args)
     worker = Worker(settings)
+    graceful_stop(worker)
     trained = worker.run()
     print(f"worker done: trained {trained} trial(s) here; study '{settings.study.name}' has "
           f"{trained_count(worker.study)} of {settings.study.n_trials} trained")
     return 0
 
 
-def _stop_requested(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def graceful_stop(worker) -> None:
+    """First Ctrl-C or SIGTERM: finish the current epoch, queue the trial to continue, exit. Second: at once."""
+
+    def handler(signum, frame) -> None:
+        if worker.stop_requested:
+            raise KeyboardInterrupt(f"signal {signum}")
+        worker.request_stop()
+        print("stop requested: finishing the current epoch, then exiting (send it again to stop at once)",
+              flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
