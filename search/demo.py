@@ -192,7 +192,6 @@ def run_demo(root: Path, n_trials: int = 3, say: Callable[[str], None] = print):
     """Prepare everything, run the study in the foreground, export the best trial; returns the paths."""
     from search.export import export_trial
     from search.status import status_text
-    from search.trial_config import load_base_values
     from search.worker import Worker
 
     paths = prepare(root, n_trials, say)
@@ -204,5 +203,5 @@ def run_demo(root: Path, n_trials: int = 3, say: Callable[[str], None] = print):
         worker.study.enqueue_trial({**SAFE_PARAMS, "network_dim": 256, "network_alpha_ratio": 0.5})
     worker.run()
     say(status_text(worker.study, n_trials))
-    export_trial(worker.study, load_base_values(settings.study.base_config), paths.export)
+    export_trial(worker.study, worker.base, paths.export)
     return paths

@@ -6,17 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from search.space import apply_params
-from training.config import TrainingConfig, config_from_dict, flatten_sections, read_toml, write_config
+from training.config import TrainingConfig, config_from_dict, write_config
+from training.presets import load_config_values
 
 # Keys holding paths that a trial folder's config must still find from anywhere.
 PATH_KEYS = ("pretrained_model_name_or_path", "vae", "train_data_dir", "sample_prompts", "network_weights")
 
 
-def load_base_values(path: str | Path) -> dict[str, Any]:
-    """The base training config as flat kohya keys, validated (unknown keys are errors)."""
-    values = flatten_sections(read_toml(path, "base config"), str(path))
-    config_from_dict(values, str(path))
-    return values
+def load_base_values(path: str | Path, preset: str = "") -> dict[str, Any]:
+    """The base training config (with the study's preset, if any) as flat kohya keys, validated."""
+    return load_config_values(path, preset or None)
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:

@@ -200,7 +200,7 @@ class Worker:
                  scorer: Optional[CheckpointScorer] = None):
         self.settings = settings
         self.space: SearchSpace = load_search_space(settings.study.search_space)
-        self.base: dict[str, Any] = load_base_values(settings.study.base_config)
+        self.base: dict[str, Any] = load_base_values(settings.study.base_config, settings.study.preset)
         if settings.scorer.type == "clip" and not self.base.get("sample_prompts"):
             raise ConfigError(f"{settings.study.base_config} has no sample_prompts; the CLIP scorer scores sample "
                               "images: set sample_prompts (e.g. prompts/character.txt) and sample_every_n_epochs")

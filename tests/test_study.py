@@ -266,3 +266,28 @@ def test_a_space_that_only_yields_rejections_stops_with_a_clear_error(project, m
     monkeypatch.setattr(worker_module, "MAX_REJECTIONS_IN_A_ROW", 20)
     with pytest.raises(StudyError, match="20 sampled trials in a row were rejected"):
         Worker(settings).run()
+
+
+def test_study_preset_is_laid_over_the_base_config(project):
+    from training.presets import load_preset
+
+    cfg = make_project(project, n_trials=1)
+    settings = load_settings(cfg)
+    settings.study.preset = "style"
+    worker = Worker(settings)
+    worker.run()
+    trial = next(t for t in worker.study.get_trials() if t.user_attrs.get("accepted"))
+    preset = load_preset("style")
+    searched = set(trial.params) | {"network_alpha", "unet_lr"}
+    for key, value in preset.items():
+        if key not in searched:
+            assert trial.user_attrs["config"][key] == value, key
+
+
+def test_unknown_preset_is_one_clear_line(project, capsys):
+    assert main(["train", str(project / "missing.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
+    assert main(["train", str(base), "--preset", "portrait"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown preset 'portrait'; available presets: character, concept, style" in err and len(err.splitlines()) == 1

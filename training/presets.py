@@ -44,3 +44,12 @@ def load_preset(name: str, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
 def apply_preset(values: dict[str, Any], name: str, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
     """Flat config ``values`` with preset ``name`` laid over them (a new dict; the preset wins)."""
     return {**values, **load_preset(name, preset_dir)}
+
+
+def load_config_values(path: str | Path, preset: str | None = None) -> dict[str, Any]:
+    """A training config file as flat kohya keys, with ``preset`` laid over it, validated."""
+    values = flatten_sections(read_toml(path, "training config"), str(path))
+    if preset:
+        values = apply_preset(values, preset)
+    config_from_dict(values, str(path) + (f" with preset {preset}" if preset else ""))
+    return values

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     study = open_study(settings, create=False)
-    trial = export_trial(study, load_base_values(settings.study.base_config), Path(args.out), args.trial)
+    base = load_base_values(settings.study.base_config, settings.study.preset)
+    trial = export_trial(study, base, Path(args.out), args.trial)
     print(f"wrote {args.out} from trial {trial.number} (score {trial.value}); "
           f"check it with: lora-search check {args.out}")
     return 0

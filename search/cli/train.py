@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train one LoRA from a kohya-style TOML config",
                                    description="Train one LoRA from a kohya-style TOML config.")
     parser.add_argument("config", help="training config (.toml, sd-scripts key names)")
+    parser.add_argument("--preset", metavar="NAME", default=None,
+                        help="character, style or concept (configs/presets/), or a preset .toml, laid over the config")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete training state in output_dir")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.config import load_training_config
+    from search.cli._common import setup_logging
+    from training.config import config_from_dict
+    from training.presets import load_config_values
     from training.trainer import train
 
-    cfg = load_training_config(args.config)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = config_from_dict(load_config_values(args.config, args.preset), args.config)
+    setup_logging()
     _quiet_library_progress()
     result = train(cfg, resume=args.resume)
     print(f"trained {result.epochs} epochs, {result.steps} steps: {result.checkpoint}")
