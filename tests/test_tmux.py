@@ -183,3 +183,32 @@ def test_restart_workers_brings_back_a_killed_worker_and_leaves_live_ones(projec
     for gpu in (0, 1):
         assert pane_env(windows[f"worker-gpu{gpu}"])["CUDA_VISIBLE_DEVICES"] == str(gpu)
     assert main(["stop", "--config", str(cfg), "--socket-name", sock, "--timeout", "20"]) == 0
+
+
+def test_killing_the_whole_tmux_server_then_resume_finishes_the_study(project, sock, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_EPOCH_SECONDS", "0.5")  # trials last seconds, so the kill lands mid-trial
+    cfg = make_project(project, n_trials=4, storage=f"journal:{project / 'study.journal'}", epochs_choices=(4,))
+    assert main(["start", "--config", str(cfg), "--gpus", "0,1", "--socket-name", sock]) == 0
+    settings = load_settings(cfg)
+    study = open_study(settings, create=False)
+    wait_for(lambda: [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                      if t.intermediate_values], 60, "a trial to score an epoch")
+    libtmux.Server(socket_name=sock).kill()  # every worker dies with its pane, as in a reboot
+    time.sleep(1)
+    stuck = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+    assert stuck
+    capsys.readouterr()
+
+    assert main(["resume", "--config", str(cfg), "--socket-name", sock, "--gpus", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert f"re-queued {len(stuck)} trial(s)" in out and "restarted: worker-gpu0, worker-gpu1" in out
+    wait_for(lambda: all(not w.alive and w.exit_status is not None for w in worker_windows(settings, sock)), 90,
+             "the restarted workers to finish")
+    trials = study.get_trials()
+    assert trained_count(study) == 4
+    assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    for number in stuck:  # each killed trial was continued in its own folder by a retry that completed
+        original = next(t for t in trials if t.number == number)
+        [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+        assert retry.state == optuna.trial.TrialState.COMPLETE
+        assert retry.user_attrs["run_dir"] == original.user_attrs["run_dir"]

@@ -1,4 +1,7 @@
-"""Sample images from the config's prompt file, named ``sample/{output_name}_e{epoch:06d}_{index:02d}.png``.
+"""Sample images from the config's prompt file, in ``{output_dir}/sample/``.
+
+Images sampled at the end of an epoch (``sample_every_n_epochs``) are ``{output_name}_e{epoch:06d}_{index:02d}.png``;
+images sampled after an optimizer step (``sample_every_n_steps``) are ``{output_name}_s{step:08d}_{index:02d}.png``.
 
 ``sample/prompts.json`` records the prompts exactly as generated (trigger substituted) so the evaluator can
 score prompt adherence: ``{"trigger": str | null, "prompts": [{"index", "prompt", "negative_prompt",
@@ -42,9 +45,10 @@ def sample_dir(cfg: TrainingConfig) -> Path:
     return Path(cfg.output_dir or ".") / "sample"
 
 
-def sample_path(cfg: TrainingConfig, epoch: int, index: int) -> Path:
-    """Where the image of prompt ``index`` at ``epoch`` is saved."""
-    return sample_dir(cfg) / f"{_output_name(cfg)}_e{epoch:06d}_{index:02d}.png"
+def sample_path(cfg: TrainingConfig, epoch: int, index: int, step: Optional[int] = None) -> Path:
+    """Where the image of prompt ``index`` at the end of ``epoch`` is saved; with ``step``, at that step."""
+    when = f"e{epoch:06d}" if step is None else f"s{step:08d}"
+    return sample_dir(cfg) / f"{_output_name(cfg)}_{when}_{index:02d}.png"
 
 
 def _output_name(cfg: TrainingConfig) -> str:
@@ -109,8 +113,11 @@ def preserved_rng() -> Iterator[None]:
 
 
 def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.device,
-                  autocast_dtype: Optional[torch.dtype] = None) -> list[Path]:
-    """Generate every prompt of ``cfg.sample_prompts`` with ``models`` as they are; return the image paths."""
+                  autocast_dtype: Optional[torch.dtype] = None, step: Optional[int] = None) -> list[Path]:
+    """Generate every prompt of ``cfg.sample_prompts`` with ``models`` as they are; return the image paths.
+
+    The images are named for the end of ``epoch``, or for optimizer step ``step`` when it is given.
+    """
     prompts = load_prompts(cfg)
     write_prompts_json(cfg, prompts)
     modules = [models.unet, models.vae, *models.text_encoders]
@@ -125,11 +132,12 @@ def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.de
             for prompt in prompts:
                 pipe.scheduler = make_scheduler(getattr(prompt, "sampler", None) or cfg.sample_sampler,
                                                 models.scheduler_config)
-                paths.append(_generate_one(cfg, pipe, prompt, epoch, device))
+                paths.append(_generate_one(cfg, pipe, prompt, sample_path(cfg, epoch, prompt.index, step), device))
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
-    log.info("epoch %d: %d sample images in %s", epoch, len(paths), sample_dir(cfg))
+    log.info("%s: %d sample images in %s", f"epoch {epoch}" if step is None else f"step {step}", len(paths),
+             sample_dir(cfg))
     return paths
 
 
@@ -139,17 +147,17 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, epoch: int, device: torch.device) -> Path:
+def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, path: Path, device: torch.device) -> Path:
     generator = torch.Generator(device=device.type).manual_seed(_seed(cfg, prompt))
     image = pipe(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
                  width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
                  guidance_scale=prompt.scale, generator=generator).images[0]
-    path = sample_path(cfg, epoch, prompt.index)
     return atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int) -> list[Path]:
-    """Regenerate the sample images of ``epoch`` from a saved LoRA checkpoint (loaded as diffusers does)."""
+def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int,
+                     step: Optional[int] = None) -> list[Path]:
+    """Regenerate the sample images of ``epoch`` (or of ``step``) from a saved LoRA checkpoint (loaded as diffusers does)."""
     from training.models import load_models
     from training.trainer import pick_device
 
@@ -163,4 +171,4 @@ def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int) -> 
     pipe = build_pipeline(models, make_scheduler(cfg.sample_sampler, models.scheduler_config))
     pipe.load_lora_weights(str(lora_path))
     pipe.to(device)
-    return sample_images(cfg, models, epoch, device)
+    return sample_images(cfg, models, epoch, device, step=step)

@@ -1,4 +1,9 @@
-"""Resumable training state under ``{output_dir}/state/epoch-NNNNNN/``.
+"""Resumable training state under ``{output_dir}/state/``.
+
+A state saved at the end of an epoch is ``epoch-NNNNNN`` (the epoch); one saved mid-epoch, at a
+``save_every_n_steps`` step, is ``step-NNNNNNNN`` (the optimizer step) and records how many batches of the
+next epoch it already trained. States are ordered by optimizer step, an epoch's end after a mid-epoch
+state of the same step.
 
 A state is written into a hidden temporary folder and renamed into place only after every file and the
 ``COMPLETE`` marker (which records each file's size) are on disk, so a crash mid-write leaves either no
@@ -24,7 +29,7 @@ from training.atomic import _fsync_dir
 from training.errors import LoraSearchError
 
 MARKER = "COMPLETE"
-_NAME = re.compile(r"^epoch-(\d{6})$")
+_NAME = re.compile(r"^(epoch-\d{6}|step-\d{8})$")
 KEEP = 2
 
 
@@ -32,7 +37,7 @@ KEEP = 2
 class TrainingState:
     """Everything a resumed run needs to continue exactly where the saved one stopped."""
 
-    epoch: int
+    epoch: int  # epochs completed
     global_step: int
     seed: int
     lora: dict[str, torch.Tensor]  # kohya-named float32 LoRA tensors
@@ -42,6 +47,7 @@ class TrainingState:
     rng: dict
     config: dict  # the kohya keys the state was trained with
     total_steps: int = 0  # the run's planned optimizer steps (a changed dataset changes them)
+    batch: int = 0  # batches of epoch ``epoch + 1`` already trained; 0 at an epoch's end
 
 
 def capture_rng() -> dict[str, Any]:
@@ -65,23 +71,28 @@ def state_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "state"
 
 
+def state_name(state: TrainingState) -> str:
+    """``epoch-NNNNNN`` for a state at an epoch's end, ``step-NNNNNNNN`` for one saved mid-epoch."""
+    return f"step-{state.global_step:08d}" if state.batch else f"epoch-{state.epoch:06d}"
+
+
 def save_state(output_dir: str | Path, state: TrainingState) -> Path:
-    """Write ``state`` atomically as ``state/epoch-NNNNNN`` and prune older states."""
+    """Write ``state`` atomically as ``state/<state_name>`` and prune older states."""
     from safetensors.torch import save_file
 
     root = state_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{state.epoch:06d}"
+    final = root / state_name(state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         save_file({k: v.contiguous().cpu() for k, v in state.lora.items()}, str(tmp / "lora.safetensors"))
         torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler,
                     "rng": state.rng}, tmp / "training.pt")
-        meta = {"epoch": state.epoch, "global_step": state.global_step, "seed": state.seed,
+        meta = {"epoch": state.epoch, "batch": state.batch, "global_step": state.global_step, "seed": state.seed,
                 "total_steps": state.total_steps, "config": state.config}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _write_marker(tmp)
-        if final.exists():  # the same epoch saved again (a repeated resume): replace it whole
+        if final.exists():  # the same state saved again (a repeated resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -114,19 +125,29 @@ def is_complete(folder: Path) -> bool:
 
 
 def complete_states(output_dir: str | Path) -> list[Path]:
-    """Complete state folders, oldest epoch first."""
+    """Complete state folders, oldest first (by optimizer step; an epoch's end after a mid-epoch state)."""
     root = state_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
+    found = [(_position(p), p) for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and is_complete(p)]
+    return [p for position, p in sorted(f for f in found if f[0] is not None)]
+
+
+def _position(folder: Path) -> Optional[tuple[int, int]]:
+    """(optimizer step, epochs completed) of a state, or None when its meta.json is unreadable."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        return int(meta["global_step"]), int(meta["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prune(root: Path) -> None:
     for old in complete_states(root.parent)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".epoch-*.tmp"):  # from a crash mid-write
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (".epoch-*.tmp", ".step-*.tmp"):  # from a crash mid-write
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_state(output_dir: str | Path) -> Optional[Path]:
@@ -147,4 +168,5 @@ def load_state(folder: Path) -> TrainingState:
         raise LoraSearchError(f"training state {folder} is unreadable ({exc}); delete it to resume from an older one") from None
     return TrainingState(epoch=meta["epoch"], global_step=meta["global_step"], seed=meta["seed"], lora=lora,
                          optimizer=blob["optimizer"], scheduler=blob["scheduler"], scaler=blob["scaler"],
-                         rng=blob["rng"], config=meta["config"], total_steps=meta.get("total_steps", 0))
+                         rng=blob["rng"], config=meta["config"], total_steps=meta.get("total_steps", 0),
+                         batch=meta.get("batch", 0))

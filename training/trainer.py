@@ -4,10 +4,16 @@ Per epoch, in order: train, save the checkpoint when due, save the training stat
 due, then call ``on_epoch_end``. So when the callback raises (a study pruning the trial), everything of
 that epoch is already on disk and ``train(cfg, resume=True)`` continues from it.
 
+After an optimizer step whose number is a multiple of ``save_every_n_steps`` (the last step excepted),
+``{output_name}-step{step:08d}.safetensors`` and a mid-epoch training state are saved; after one that is
+a multiple of ``sample_every_n_steps``, sample images. A run resumed from a mid-epoch state continues
+with the next batch of that epoch.
+
 Checkpoints: ``{output_name}-{epoch:06d}.safetensors`` every ``save_every_n_epochs`` before the last
-epoch, ``{output_name}.safetensors`` at the end (as sd-scripts). A training state is written after every
-epoch that saves a checkpoint, after every epoch when ``save_state = true``, and after the last epoch;
-the two newest are kept. Attention runs on PyTorch SDPA (diffusers' default processor).
+epoch, ``{output_name}.safetensors`` at the end (as sd-scripts). A training state is written with every
+checkpoint, after every epoch when ``save_state = true``, and after the last epoch; the two newest are
+kept. The run stops after exactly ``max_train_steps`` optimizer steps when ``max_train_epochs`` is unset,
+its last epoch cut short. Attention runs on PyTorch SDPA (diffusers' default processor).
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ MIXED_PRECISION_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloa
 # Keys that may differ between a saved state and the config it resumes with (they do not change training).
 RESUME_FREE_KEYS = frozenset({
     "output_dir", "logging_dir", "sample_prompts", "sample_every_n_epochs", "sample_sampler",
-    "save_every_n_epochs", "save_state", "training_comment", "max_data_loader_n_workers",
-    "persistent_data_loader_workers", "metadata_trigger_phrase", "save_precision",
+    "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps", "save_state", "training_comment",
+    "max_data_loader_n_workers", "persistent_data_loader_workers", "metadata_trigger_phrase", "save_precision",
 })
 
 
@@ -101,15 +107,15 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
     run = _setup(cfg, out, latent_cache_dir)
     out.mkdir(parents=True, exist_ok=True)  # only once the config, data and model are known to be usable
     try:
-        start = _resume(run) if resume else 0
+        done, start_batch = _resume(run) if resume else (0, 0)
         _write_config_copy(cfg, out)
-        if start >= run.epochs:
-            log.info("the run in %s already finished (epoch %d, step %d)", out, start, run.global_step)
+        if done >= run.epochs:
+            log.info("the run in %s already finished (epoch %d, step %d)", out, done, run.global_step)
         else:
             log.info("training %d epochs, %d steps (%d per epoch) from epoch %d, step %d", run.epochs,
-                     run.total_steps, run.steps_per_epoch, start + 1, run.global_step)
-        for epoch in range(start + 1, run.epochs + 1):
-            _train_epoch(run, epoch)
+                     run.total_steps, run.steps_per_epoch, done + 1, run.global_step)
+        for epoch in range(done + 1, run.epochs + 1):
+            _train_epoch(run, epoch, start_batch if epoch == done + 1 else 0)
             event = _end_epoch(run, epoch)
             if on_epoch_end is not None:
                 on_epoch_end(event)
@@ -310,14 +316,14 @@ def _encoder(run: _Run, seeded: bool = False) -> Callable[[torch.Tensor], torch.
 
 # --- resume --------------------------------------------------------------------------------------------
 
-def _resume(run: _Run) -> int:
-    """Load the newest complete state into the run; return the epoch it finished (0 when none)."""
+def _resume(run: _Run) -> tuple[int, int]:
+    """Load the newest complete state into the run; return (epochs it finished, batches of the next one done)."""
     from training.state import latest_state, load_state, restore_rng
 
     folder = latest_state(run.out)
     if folder is None:
         log.warning("no saved training state in %s; starting from epoch 1", run.out / "state")
-        return 0
+        return 0, 0
     state = load_state(folder)
     _check_resume_config(run.cfg, state.config, folder)
     if state.total_steps and state.total_steps != run.total_steps:
@@ -330,8 +336,9 @@ def _resume(run: _Run) -> int:
         run.scaler.load_state_dict(state.scaler)
     restore_rng(state.rng)
     run.seed, run.global_step = state.seed, state.global_step
-    log.info("resuming from %s (epoch %d, step %d)", folder, state.epoch, state.global_step)
-    return state.epoch
+    log.info("resuming from %s (epoch %d, batch %d, step %d)", folder, state.epoch + 1, state.batch,
+             state.global_step)
+    return state.epoch, state.batch
 
 
 def _training_keys(cfg: TrainingConfig | dict) -> dict:
@@ -362,18 +369,20 @@ def _write_config_copy(cfg: TrainingConfig, out: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def _train_epoch(run: _Run, epoch: int) -> None:
-    """One pass over the epoch's batches with gradient accumulation; updates run.global_step."""
+def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> None:
+    """The epoch's batches from ``start_batch`` on, with gradient accumulation; updates run.global_step."""
     cfg = run.cfg
     accum = cfg.gradient_accumulation_steps
     batches = run.dataset.epoch_batches(cfg.train_batch_size, run.seed, epoch)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     bar = _progress(run, epoch)
     losses, started, steps_before = [], time.perf_counter(), run.global_step
+
     def make(batch_no: int) -> Any:
         return run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents, run.flipped)
 
-    for batch_no, batch in enumerate(_prefetched(make, len(batches), cfg.max_data_loader_n_workers)):
+    todo = range(start_batch, len(batches))
+    for batch_no, batch in _prefetched(make, todo, cfg.max_data_loader_n_workers):
         if run.global_step >= run.total_steps:
             break
         loss = _loss(run, batch)
@@ -381,9 +390,8 @@ def _train_epoch(run: _Run, epoch: int) -> None:
         losses.append(loss.item())
         if (batch_no + 1) % accum == 0 or batch_no == len(batches) - 1:
             _optimizer_step(run, params)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-accum:]):.4f}", lr=f"{_lr(run):.2e}")
+            _show_step(run, bar, epoch, losses[-accum:])
+            _after_step(run, epoch, batches_done=batch_no + 1)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
@@ -392,25 +400,50 @@ def _train_epoch(run: _Run, epoch: int) -> None:
              (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps)
 
 
-def _prefetched(make: Callable[[int], Any], count: int, workers: int) -> Iterator[Any]:
-    """``make(0), make(1), ...`` in order, built up to ``2 * workers`` ahead on worker threads.
+def _prefetched(make: Callable[[int], Any], numbers: range, workers: int) -> Iterator[tuple[int, Any]]:
+    """``(n, make(n))`` for each of ``numbers`` in order, built up to ``2 * workers`` ahead on worker threads.
 
     Batches depend only on their (seed, epoch, batch number), never on the order they are built in, so
     threads change speed, not results. Image decoding releases the GIL.
     """
     if workers <= 0:
-        yield from (make(i) for i in range(count))
+        yield from ((n, make(n)) for n in numbers)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    ahead = 2 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batches") as pool:
-        pending = [pool.submit(make, i) for i in range(min(count, 2 * workers))]
-        for i in range(count):
+        pending = [pool.submit(make, n) for n in numbers[:ahead]]
+        for i, n in enumerate(numbers):
             batch = pending[i].result()
             pending[i] = None  # free it once handed out
-            if i + 2 * workers < count:
-                pending.append(pool.submit(make, i + 2 * workers))
-            yield batch
+            if i + ahead < len(numbers):
+                pending.append(pool.submit(make, numbers[i + ahead]))
+            yield n, batch
+
+
+def _show_step(run: _Run, bar: Any, epoch: int, losses: list[float]) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", lr=f"{_lr(run):.2e}")
+
+
+def _due(step: int, every: Optional[int]) -> bool:
+    return bool(every) and step % every == 0
+
+
+def _after_step(run: _Run, epoch: int, batches_done: int) -> None:
+    """Save what is due after an optimizer step of ``epoch``: step checkpoint and state, then samples."""
+    from training.sampling import sample_images
+
+    cfg, step = run.cfg, run.global_step
+    # The last step's checkpoint is the final file, written at the end of its epoch.
+    if _due(step, cfg.save_every_n_steps) and step < run.total_steps:
+        # As sd-scripts, a step checkpoint records the epochs completed before it.
+        _save_checkpoint(run, epoch - 1, run.out / f"{_name(cfg)}-step{step:08d}.safetensors")
+        _save_state(run, epoch - 1, batch=batches_done)
+    if cfg.sample_prompts and _due(step, cfg.sample_every_n_steps):
+        sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype, step=step)
 
 
 def _progress(run: _Run, epoch: int) -> Any:
@@ -530,11 +563,12 @@ def _save_checkpoint(run: _Run, epoch: int, path: Path) -> Path:
     return path
 
 
-def _save_state(run: _Run, epoch: int) -> None:
+def _save_state(run: _Run, epoch: int, batch: int = 0) -> None:
+    """A state after ``epoch`` completed epochs and ``batch`` batches of the next one."""
     from training.state import TrainingState, capture_rng, save_state
 
     state = TrainingState(
-        epoch=epoch, global_step=run.global_step, seed=run.seed,
+        epoch=epoch, batch=batch, global_step=run.global_step, seed=run.seed,
         lora={k: v.float() for k, v in run.network.kohya_state_dict().items()},
         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
         scaler=run.scaler.state_dict() if run.scaler is not None else None, rng=capture_rng(),
