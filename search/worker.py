@@ -95,11 +95,15 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     return history
 
 
-def trained_count(study: optuna.Study) -> int:
-    """Trials that used (or are using) a budget slot; a crashed trial and its retry count once."""
-    trials = study.get_trials(deepcopy=False)
+def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials holding a budget slot; a crashed trial hands its slot to the retry continuing it."""
     retried = retried_numbers(trials)
-    return sum(counts_toward_budget(t) and t.number not in retried for t in trials)
+    return [t for t in trials if counts_toward_budget(t) and t.number not in retried]
+
+
+def trained_count(study: optuna.Study) -> int:
+    """Trials that used (or are using) a budget slot."""
+    return len(slot_holders(study.get_trials(deepcopy=False)))
 
 
 def _undecided_below(study: optuna.Study, number: int) -> bool:
@@ -115,10 +119,8 @@ def claim_budget_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -
     deadline = time.monotonic() + DECISION_WAIT_S
     while _undecided_below(study, trial.number) and time.monotonic() < deadline:
         time.sleep(0.2)
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    ahead = sum(counts_toward_budget(t) and t.number not in retried for t in trials if t.number < trial.number)
-    return ahead < n_trials
+    ahead = [t for t in slot_holders(study.get_trials(deepcopy=False)) if t.number < trial.number]
+    return len(ahead) < n_trials
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from search.cli import main
 from search.settings import load_settings
 from search.study import open_study
 from search.worker import Worker, trained_count
+from pg_server import postgres_server  # noqa: F401  (fixture)
 from study_fixtures import make_project
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,9 +117,13 @@ def run_workers(cfg: Path, env: dict, count: int = 2) -> None:
         assert proc.returncode == 0, out
 
 
-@pytest.mark.parametrize("storage", ["", "journal:{root}/runs/journal.log"])
-def test_two_workers_share_the_budget(project, storage):
-    cfg = make_project(project, n_trials=6, storage=storage.format(root=project))
+@pytest.mark.parametrize("engine", ["sqlite", "journal", "postgresql"])
+def test_two_workers_share_the_budget(project, engine, request):
+    """The same budget semantics on each storage; PostgreSQL is the multi-machine engine (a real server)."""
+    storage = {"sqlite": "", "journal": f"journal:{project}/runs/journal.log"}.get(engine)
+    if storage is None:
+        storage = request.getfixturevalue("postgres_server")()
+    cfg = make_project(project, n_trials=6, storage=storage)
     env = {**os.environ, "FAKE_EPOCH_SECONDS": "0.05", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run_workers(cfg, env)
     study = open_study(load_settings(cfg), create=False)
