@@ -228,3 +228,207 @@ def trainer_step(run: Any, batch: int, smoke: bool) -> Step:
         trainer._optimizer_step(run, params)
 
     return step
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``steps`` timed calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def count_flops(step: Step) -> float:
+    """FLOPs of one call of ``step`` (matrix products, convolutions and attention), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def measure(arch: str, variant: str, batch: int, make_step: Callable[[int], Step], args: argparse.Namespace,
+            device: torch.device) -> Result:
+    """Time one variant at one batch size; an out-of-memory error is recorded, not raised."""
+    result = Result(arch=arch, variant=variant, batch=batch)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step = make_step(batch)
+        if variant == "reference":
+            step()  # first call pays one-time set-up, not counted
+            result.model_tflop = count_flops(step) / 1e12
+        result.step_ms = time_step(step, args.steps, args.warmup, device)
+    except torch.cuda.OutOfMemoryError:
+        result.error = "out of memory"
+        return result
+    finally:
+        step = None
+        gc.collect()
+    result.ms_per_step = statistics.median(result.step_ms)
+    result.images_per_s = batch * 1000 / result.ms_per_step
+    if device.type == "cuda":
+        result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> list[Result]:
+    """Both variants of ``arch`` at every batch size: the reference first, each model freed after its runs."""
+    kind, results = ARCHS[arch], []
+    unet, optimizer = reference_model(kind, args.smoke, device)
+    for batch in args.batches:
+        results.append(measure(arch, "reference", batch, lambda b: reference_step(unet, optimizer, b, device),
+                               args, device))
+    del unet, optimizer
+    _free(device)
+    with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as folder:
+        run = trainer_run(kind, args.smoke, device, Path(folder))
+        for batch in args.batches:
+            results.append(measure(arch, "trainer", batch, lambda b: trainer_step(run, b, args.smoke), args, device))
+        del run
+    _free(device)
+    return results
+
+
+def add_ratios(results: list[Result], peak_tflops: Optional[float]) -> None:
+    """Fill in each result's speed-up over the reference and its TFLOP/s and MFU on the model FLOPs."""
+    refs = {(r.arch, r.batch): r for r in results if r.variant == "reference"}
+    for r in results:
+        ref = refs.get((r.arch, r.batch))
+        if r.ms_per_step is None or ref is None:
+            continue
+        r.model_tflop = ref.model_tflop
+        if ref.ms_per_step:
+            r.speedup = ref.ms_per_step / r.ms_per_step
+        if r.model_tflop is not None:
+            r.tflops = r.model_tflop / (r.ms_per_step / 1000)
+            r.mfu = r.tflops / peak_tflops if peak_tflops else None
+
+
+# --- report --------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's name, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_tflops_for(name: str, override: Optional[float]) -> Optional[float]:
+    """The device's dense bf16 peak in TFLOP/s: ``override`` when given, else from the table, else None."""
+    if override:
+        return override
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _fmt(value: Optional[float], spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, spec)
+
+
+def format_table(results: list[Result]) -> str:
+    """A plain-text table, one row per architecture, variant and batch size."""
+    head = ("arch", "variant", "batch", "ms/step", "img/s", "x ref", "TFLOP/s", "MFU %", "peak GiB")
+    rows = [head]
+    for r in results:
+        if r.error:
+            rows.append((r.arch, r.variant, str(r.batch), r.error, "", "", "", "", ""))
+            continue
+        rows.append((r.arch, r.variant, str(r.batch), _fmt(r.ms_per_step, ".1f"), _fmt(r.images_per_s, ".2f"),
+                     _fmt(r.speedup, ".2f"), _fmt(r.tflops, ".1f"), _fmt(r.mfu, ".1f", 100),
+                     _fmt(r.peak_mem_gib, ".2f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def write_json(path: Path, results: list[Result], args: argparse.Namespace, name: str,
+               peak: Optional[float]) -> Path:
+    """Write the settings, versions and every result (with each timed step) to ``path`` atomically."""
+    import diffusers
+    import peft
+
+    from training.atomic import atomic_write_text
+
+    payload = {
+        "device": name, "peak_tflops": peak, "smoke": args.smoke, "steps": args.steps, "warmup": args.warmup,
+        "rank": RANK, "alpha": ALPHA, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                                   "peft": peft.__version__},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": [asdict(r) for r in results],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line; ``--smoke`` changes the defaults to a few tiny CPU steps at batch 1 and 2."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["sd15", "sdxl", "both"], default="both")
+    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,4,8; smoke 1,2)")
+    parser.add_argument("--steps", type=int, help="timed steps per variant and batch (default 20; smoke 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5; smoke 1)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny two-block models: a quick end-to-end check")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU on unlisted devices")
+    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/train_step-<device>.json)")
+    args = parser.parse_args(argv)
+    try:
+        batches = [int(b) for b in (args.batches or ("1,2" if args.smoke else "1,4,8")).split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batches {args.batches!r}: give whole numbers separated by commas, e.g. 1,4,8")
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches {args.batches!r}: batch sizes must be at least 1")
+    args.batches = batches
+    args.steps = args.steps if args.steps is not None else (3 if args.smoke else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmark, print the table and write the JSON; returns the exit code."""
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        print("no CUDA device: real SD shapes on the CPU would take hours; use --smoke", file=sys.stderr)
+        return 2
+    name = device_name(device)
+    peak = peak_tflops_for(name, args.peak_tflops)
+    results = []
+    for arch in (["sd15", "sdxl"] if args.arch == "both" else [args.arch]):
+        results += bench_arch(arch, args, device)
+    add_ratios(results, peak)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"train_step-{_slug(name)}.json"
+    print(f"device: {name}; peak {_fmt(peak, '.0f')} TFLOP/s; {args.steps} timed steps after {args.warmup} warm-up; "
+          f"LoRA rank {RANK} alpha {ALPHA:g}")
+    print(format_table(results))
+    print(f"wrote {write_json(out, results, args, name, peak)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,3 +84,11 @@ def test_shipped_prompt_file_loads():
 ])
 def test_strip_trigger(prompt, trigger, expected):
     assert strip_trigger(prompt, trigger) == expected
+
+
+def test_shipped_validation_prompts_cover_thirty_cases_with_the_trigger():
+    prompts = load_prompt_file(REPO / "prompts" / "validation.txt", "ohwx")
+    assert len(prompts) == 30
+    assert all(p.prompt.startswith("ohwx, ") and p.negative_prompt for p in prompts)
+    assert len({p.seed for p in prompts}) == 30 and len({p.prompt for p in prompts}) == 30
+    assert all((p.width, p.height, p.steps) == (512, 512, 28) for p in prompts)
