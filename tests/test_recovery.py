@@ -19,6 +19,28 @@ from search.worker import Worker, trained_count
 from study_fixtures import REPO, make_project
 
 
+def test_kill_9_mid_evaluation_then_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_project(tmp_path, n_trials=2, epochs_choices=(2,))
+    marker = tmp_path / "scoring"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_SCORE_HANG_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "search", "worker", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # the worker dies while its scorer is evaluating epoch 1
+    proc.wait()
+    assert main(["resume", "--config", str(cfg), "--no-workers"]) == 0
+    assert "re-queued 1 trial(s)" in capsys.readouterr().out
+    Worker(load_settings(cfg)).run()
+    study = open_study(load_settings(cfg), create=False)
+    assert trained_count(study) == 2
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert all(t.state == TrialState.COMPLETE for t in study.get_trials() if t.user_attrs.get("accepted")
+               and t.state != TrialState.FAIL)
+
+
 @pytest.mark.parametrize("storage", ["", "journal:{root}/runs/journal.log"])
 def test_kill_9_mid_trial_then_resume(tmp_path, monkeypatch, storage, capsys):
     monkeypatch.chdir(tmp_path)

@@ -5,9 +5,15 @@ Prints a log line and then the score last, as the command scorer expects. The be
 """
 
 import math
+import os
 import sys
+import time
 import tomllib
 from pathlib import Path
+
+if os.environ.get("FAKE_SCORE_HANG_MARKER"):  # lets a test kill its worker in the middle of an evaluation
+    Path(os.environ["FAKE_SCORE_HANG_MARKER"]).touch()
+    time.sleep(30)
 
 config_path, epoch = Path(sys.argv[1]), int(sys.argv[2])
 flat = {}
