@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -136,15 +137,14 @@ def _vae_scale(smoke: bool) -> int:
 
 # --- the two variants ----------------------------------------------------------------------------------
 
-def _conditioning(unet: Any, batch: int, device: torch.device) -> tuple[torch.Tensor, Optional[dict]]:
-    """Random text embeddings (and SDXL's pooled embedding and size ids) shaped for ``unet``."""
+def _conditioning(unet: Any, batch: int, device: torch.device, px: int) -> tuple[torch.Tensor, Optional[dict]]:
+    """Random text embeddings (and SDXL's pooled embedding and ``px``-square size ids) shaped for ``unet``."""
     cfg = unet.config
     hidden = torch.randn(batch, 77, cfg.cross_attention_dim, device=device)
     if cfg.addition_embed_type != "text_time":
         return hidden, None
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    size = float(cfg.sample_size * 8)
-    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device).repeat(batch, 1)
+    time_ids = torch.tensor([[px, px, 0, 0, px, px]], dtype=torch.float32, device=device).repeat(batch, 1)
     return hidden, {"text_embeds": torch.randn(batch, pooled, device=device), "time_ids": time_ids}
 
 
@@ -164,14 +164,15 @@ def reference_model(kind: str, smoke: bool, device: torch.device) -> tuple[Any, 
     return unet, optimizer
 
 
-def reference_step(unet: Any, optimizer: torch.optim.Optimizer, batch: int, device: torch.device) -> Step:
+def reference_step(unet: Any, optimizer: torch.optim.Optimizer, batch: int, device: torch.device,
+                   smoke: bool) -> Step:
     """One eager step: noise the latents, predict the noise under bf16 autocast, MSE, backward, AdamW."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     size = unet.config.sample_size
     latents = torch.randn(batch, unet.config.in_channels, size, size, device=device)
-    hidden, added = _conditioning(unet, batch, device)
+    hidden, added = _conditioning(unet, batch, device, size * _vae_scale(smoke))
 
     def step() -> None:
         noise = torch.randn_like(latents)
@@ -296,16 +297,17 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> lis
     """Both variants of ``arch`` at every batch size: the reference first, each model freed after its runs."""
     kind, results = ARCHS[arch], []
     unet, optimizer = reference_model(kind, args.smoke, device)
+    make_step = partial(reference_step, unet, optimizer, device=device, smoke=args.smoke)
     for batch in args.batches:
-        results.append(measure(arch, "reference", batch, lambda b: reference_step(unet, optimizer, b, device),
-                               args, device))
-    del unet, optimizer
+        results.append(measure(arch, "reference", batch, make_step, args, device))
+    del unet, optimizer, make_step
     _free(device)
     with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as folder:
         run = trainer_run(kind, args.smoke, device, Path(folder))
+        make_step = partial(trainer_step, run, smoke=args.smoke)
         for batch in args.batches:
-            results.append(measure(arch, "trainer", batch, lambda b: trainer_step(run, b, args.smoke), args, device))
-        del run
+            results.append(measure(arch, "trainer", batch, make_step, args, device))
+        del run, make_step
     _free(device)
     return results
 
@@ -345,18 +347,20 @@ def _fmt(value: Optional[float], spec: str, scale: float = 1.0) -> str:
 
 def format_table(results: list[Result]) -> str:
     """A plain-text table, one row per architecture, variant and batch size."""
-    head = ("arch", "variant", "batch", "ms/step", "img/s", "x ref", "TFLOP/s", "MFU %", "peak GiB")
+    head = ("arch", "variant", "batch", "ms/step", "img/s", "x ref", "TFLOP/step", "TFLOP/s", "MFU %", "peak GiB")
     rows = [head]
     for r in results:
         if r.error:
-            rows.append((r.arch, r.variant, str(r.batch), r.error, "", "", "", "", ""))
+            rows.append((r.arch, r.variant, str(r.batch), r.error) + ("",) * (len(head) - 4))
             continue
         rows.append((r.arch, r.variant, str(r.batch), _fmt(r.ms_per_step, ".1f"), _fmt(r.images_per_s, ".2f"),
-                     _fmt(r.speedup, ".2f"), _fmt(r.tflops, ".1f"), _fmt(r.mfu, ".1f", 100),
+                     _fmt(r.speedup, ".2f"), _fmt(r.model_tflop, ".3g"), _fmt(r.tflops, ".3g"), _fmt(r.mfu, ".1f", 100),
                      _fmt(r.peak_mem_gib, ".2f")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                     for row in rows)
+    def line(row: tuple) -> str:
+        return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+    return "\n".join(line(row) for row in rows)
 
 
 def write_json(path: Path, results: list[Result], args: argparse.Namespace, name: str,
@@ -418,9 +422,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     name = device_name(device)
     peak = peak_tflops_for(name, args.peak_tflops)
-    results = []
-    for arch in (["sd15", "sdxl"] if args.arch == "both" else [args.arch]):
-        results += bench_arch(arch, args, device)
+    threads = torch.get_num_threads()
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny ops gain nothing from threads, and spinning ones stall a busy machine
+    try:
+        results = [r for arch in (["sd15", "sdxl"] if args.arch == "both" else [args.arch])
+                   for r in bench_arch(arch, args, device)]
+    finally:
+        torch.set_num_threads(threads)
     add_ratios(results, peak)
     out = args.out or Path(__file__).resolve().parent / "results" / f"train_step-{_slug(name)}.json"
     print(f"device: {name}; peak {_fmt(peak, '.0f')} TFLOP/s; {args.steps} timed steps after {args.warmup} warm-up; "

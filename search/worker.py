@@ -297,6 +297,15 @@ class Worker:
         log.info("trial %d continues trial %d in %s", trial.number, retry_of, run_dir)
         return self._train(trial, trial.user_attrs["config"], run_dir, resume=True)
 
+    def _score_saved_epochs(self, run: TrialRun, output_name: str) -> None:
+        """Score checkpoints a crashed run saved but did not get to score (the resumed trainer goes on
+        after them and will not report them again)."""
+        for path in sorted(run.run_dir.glob(f"{output_name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors")):
+            epoch = int(path.stem.rsplit("-", 1)[1])
+            if str(epoch) not in run.trial.user_attrs.get("epoch_scores", {}):
+                log.info("trial %d scores epoch %d, saved before the interruption", run.trial.number, epoch)
+                self._score(run, epoch, path)
+
     def _train(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, resume: bool = False) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.toml"
@@ -309,6 +318,8 @@ class Worker:
         try:
             with heartbeat(self.study, trial), trial_log(run_dir / "train.log"):
                 log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
+                if resume:
+                    self._score_saved_epochs(run, cfg.output_name or "last")
                 self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_epoch(run, epoch, ckpt),
                                    resume=resume)
         except optuna.TrialPruned:

@@ -182,6 +182,7 @@ def test_builtin_trainer_retry_continues_from_the_saved_state(tmp_path, monkeypa
     while time.monotonic() < deadline:
         time.sleep(0.2)
         running = open_study(settings).get_trials(states=(TrialState.RUNNING,))
+        # kill it after epoch 2 is saved, ideally while epoch 2 is being scored
         if running and running[0].user_attrs.get("progress", {}).get("epoch", 0) >= 2:
             break
     proc.send_signal(signal.SIGKILL)
@@ -192,6 +193,6 @@ def test_builtin_trainer_retry_continues_from_the_saved_state(tmp_path, monkeypa
     [retry] = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") is not None]
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs["progress"]["first_epoch"] >= 3  # it went on from the saved epoch
-    assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4]  # an epoch saved but not yet scored is scored too
     log = (Path(retry.user_attrs["run_dir"]) / "train.log").read_text()
     assert "resuming from" in log

@@ -1,0 +1,67 @@
+"""The training-step benchmark's CPU smoke mode runs end to end and reports both variants."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_smoke_prints_table_and_writes_json(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "results" / "bench.json"
+    assert bench.main(["--smoke", "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("arch"))
+    assert lines[header].split() == ["arch", "variant", "batch", "ms/step", "img/s", "x", "ref", "TFLOP/step",
+                                      "TFLOP/s", "MFU", "%", "peak", "GiB"]
+    rows = [line.split() for line in lines[header + 1:header + 9]]
+    assert {(r[0], r[1], r[2]) for r in rows} == {(a, v, b) for a in ("sd15", "sdxl")
+                                                  for v in ("reference", "trainer") for b in ("1", "2")}
+    assert all(float(r[3]) > 0 for r in rows)  # ms/step measured
+    assert all(r[5] == "1.00" for r in rows if r[1] == "reference")
+    assert all(r[-1] == "n/a" for r in rows)  # no GPU memory to report on the CPU
+    assert lines[-1] == f"wrote {out}"
+
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and data["smoke"] is True and data["rank"] == 64
+    results = data["results"]
+    assert len(results) == 8 and all(len(r["step_ms"]) == 2 and r["error"] is None for r in results)
+    # FLOPs grow with the batch and both variants are measured against the same model FLOPs.
+    flops = {(r["arch"], r["variant"], r["batch"]): r["model_tflop"] for r in results}
+    for arch in ("sd15", "sdxl"):
+        assert flops[(arch, "reference", 2)] == pytest.approx(2 * flops[(arch, "reference", 1)], rel=0.05)
+        assert flops[(arch, "trainer", 1)] == flops[(arch, "reference", 1)] > 0
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_reference_trains_the_trainers_lora_modules(bench, kind: str) -> None:
+    """The eager reference puts LoRA on exactly the layers the trainer's kohya network does."""
+    import torch
+
+    from training.network import target_module_names
+
+    unet, _ = bench.reference_model(kind, True, torch.device("cpu"))
+    lora = sorted(name for name, module in unet.named_modules() if hasattr(module, "lora_A"))
+    assert lora == target_module_names(bench.build_unet(kind, True, torch.device("cpu")), ["Transformer2DModel"])
+
+
+def test_bad_batches_is_a_usage_error(bench, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--smoke", "--batches", "1,x"])
+    assert exc.value.code == 2
+    assert "--batches '1,x'" in capsys.readouterr().err
