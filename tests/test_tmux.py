@@ -80,8 +80,13 @@ def test_start_runs_one_worker_per_gpu_until_the_budget(project, sock, capsys, m
 
     study = open_study(settings, create=False)
     # tmux fills in a dead pane's exit status a moment after it marks the pane dead
-    wait_for(lambda: all(not w.alive and w.exit_status is not None for w in worker_windows(settings, sock)), 60,
-             "the workers to finish")
+    try:
+        wait_for(lambda: all(not w.alive and w.exit_status is not None for w in worker_windows(settings, sock)),
+                 120, "the workers to finish")
+    except AssertionError:
+        for gpu in (0, 1):  # show what the workers were doing
+            print(f"--- worker-gpu{gpu}:\n" + "\n".join(windows[f"worker-gpu{gpu}"].panes[0].capture_pane()))
+        raise
     assert trained_count(study) == 4
     assert {t.state for t in study.get_trials() if t.user_attrs.get("accepted")} == {optuna.trial.TrialState.COMPLETE}
     infos = worker_windows(settings, sock)
