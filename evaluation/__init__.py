@@ -27,6 +27,7 @@ _EXPORTS = {
     "combine": "evaluation.evaluator",
     "evaluate_run": "evaluation.evaluator",
     "write_scores": "evaluation.evaluator",
+    "read_scores": "evaluation.evaluator",
     "COMPONENTS": "evaluation.settings",
     "EvaluatorSettings": "evaluation.settings",
     "load_settings": "evaluation.settings",

@@ -63,6 +63,13 @@ class EpochScore:
         data["contact_sheet"] = _relative(self.contact_sheet, run_dir)
         return data
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any], run_dir: Path) -> "EpochScore":
+        """The inverse of :meth:`to_json`."""
+        images = [ImageScore(**image) for image in data["images"]]
+        return cls(epoch=data["epoch"], total=data["total"], components=data["components"], raw=data["raw"],
+                   images=images, contact_sheet=Path(run_dir) / data["contact_sheet"])
+
 
 @dataclass
 class RunScores:
@@ -215,6 +222,16 @@ def write_scores(run_dir: Path, epochs: list[EpochScore], settings: EvaluatorSet
     }
     path = atomic_write_text(run_dir / SCORES_FILE, json.dumps(data, indent=2) + "\n")
     return RunScores(run_dir=run_dir, epochs=epochs, best_epoch=best, scores_path=path)
+
+
+def read_scores(run_dir: Path) -> list[EpochScore]:
+    """The epochs a run's ``scores.json`` holds (none when it has no readable one)."""
+    path = Path(run_dir) / SCORES_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [EpochScore.from_json(epoch, Path(run_dir)) for epoch in data["epochs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def generate_missing_samples(layout: RunLayout) -> list[int]:

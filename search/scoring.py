@@ -70,7 +70,7 @@ class ClipScorer(CheckpointScorer):
         self.history: dict[Path, dict[int, object]] = {}
 
     def score(self, run_dir: Path, config_path: Path, epoch: int, checkpoint: Path) -> EpochScore:
-        from evaluation import write_scores
+        from evaluation import read_scores, write_scores
         from evaluation.samples import open_run
 
         if not open_run(run_dir).epoch_samples(epoch):
@@ -79,7 +79,9 @@ class ClipScorer(CheckpointScorer):
 
             generate_samples(load_training_config(config_path), checkpoint, epoch)
         result = self.evaluator.score_epoch(run_dir, epoch)
-        scored = self.history.setdefault(Path(run_dir), {})
+        if Path(run_dir) not in self.history:  # a retry keeps the epochs its crashed run scored
+            self.history[Path(run_dir)] = {e.epoch: e for e in read_scores(run_dir)}
+        scored = self.history[Path(run_dir)]
         scored[epoch] = result
         write_scores(run_dir, list(scored.values()), self.settings)
         images = [result.contact_sheet] if result.contact_sheet else []

@@ -200,3 +200,15 @@ def test_checkpoints_without_prompt_file_are_not_sampled(tmp_path, settings):
     (run / "demo-000003.safetensors").write_bytes(b"")  # sample_prompts unset: nothing to sample with
     scores = evaluate_run(run, settings)
     assert scores.generated_epochs == [] and [e.epoch for e in scores.epochs] == [1, 2]
+
+
+def test_scores_json_reads_back_into_the_same_epochs(tmp_path, settings):
+    from evaluation import read_scores
+
+    run = good_and_bad_run(tmp_path)
+    written = evaluate_run(run, settings)
+    again = read_scores(run)
+    assert [e.epoch for e in again] == [e.epoch for e in written.epochs]
+    assert [e.total for e in again] == [e.total for e in written.epochs]
+    assert again[0].images[0].prompt == written.epochs[0].images[0].prompt
+    assert read_scores(tmp_path / "nowhere") == []

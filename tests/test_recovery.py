@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 import signal
@@ -196,3 +197,5 @@ def test_builtin_trainer_retry_continues_from_the_saved_state(tmp_path, monkeypa
     assert sorted(retry.intermediate_values) == [1, 2, 3, 4]  # an epoch saved but not yet scored is scored too
     log = (Path(retry.user_attrs["run_dir"]) / "train.log").read_text()
     assert "resuming from" in log
+    scores = json.loads((Path(retry.user_attrs["run_dir"]) / "scores.json").read_text())
+    assert [e["epoch"] for e in scores["epochs"]] == [1, 2, 3, 4]  # scores.json keeps the crashed run's epochs
