@@ -34,6 +34,7 @@ from search.backends import make_backend
 from search.backends.base import TrainerBackend
 from search.constraints import describe, violations
 from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
+from search.notes import outcome_note, rejection_note, save_trial_note
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import StudySettings
 from search.space import SearchSpace, load_search_space
@@ -288,6 +289,7 @@ class Worker:
         trial.set_user_attr("constraint_reasons", reasons)
         trial.set_user_attr("prune_reason", kind)
         self.study.tell(trial, state=TrialState.PRUNED)
+        save_trial_note(trial, rejection_note(reasons))
         log.info("trial %d rejected before training: %s", trial.number, "; ".join(reasons))
         return "rejected"
 
@@ -325,6 +327,7 @@ class Worker:
         except optuna.TrialPruned:
             trial.set_user_attr("prune_reason", "quality")
             self.study.tell(trial, state=TrialState.PRUNED)
+            save_trial_note(trial, outcome_note(trial, "pruned on quality"))
             log.info("trial %d pruned on quality after epoch %s", trial.number, run.best_epoch)
             return "pruned"
         except Exception as exc:  # a crash inside training must not take the whole search down
@@ -336,6 +339,7 @@ class Worker:
         if run.best_score is None:
             return self._fail(trial, "training ended without a scored checkpoint; set save_every_n_epochs")
         self.study.tell(trial, run.best_score)
+        save_trial_note(trial, outcome_note(trial, "complete"))
         log.info("trial %d complete: best epoch %d scored %.4f", trial.number, run.best_epoch, run.best_score)
         return "complete"
 
@@ -354,12 +358,14 @@ class Worker:
         trial.set_user_attr("prune_reason", "oom")
         trial.set_user_attr("fail_reason", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         self.study.tell(trial, state=TrialState.PRUNED)
+        save_trial_note(trial, outcome_note(trial, "out of GPU memory (pruned, so TPE avoids it)"))
         log.warning("trial %d ran out of GPU memory; recorded as pruned (oom)", trial.number)
         return "pruned"
 
     def _fail(self, trial: optuna.Trial, reason: str) -> str:
         trial.set_user_attr("fail_reason", reason)
         self.study.tell(trial, state=TrialState.FAIL)
+        save_trial_note(trial, outcome_note(trial, "failed"))
         log.warning("trial %d failed: %s", trial.number, reason)
         return "failed"
 

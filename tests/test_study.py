@@ -55,6 +55,15 @@ def test_worker_trains_budget_and_rejections_cost_nothing(project):
     assert sorted(best.intermediate_values) == list(range(1, epochs + 1))
     assert best.user_attrs["best_epoch"] == epochs  # the fake scorer prefers later epochs
     assert best.value == pytest.approx(max(best.intermediate_values.values()))
+    # the dashboard shows a note on each trial saying what happened, above the raw attributes
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    notes = worker.study._storage.get_study_system_attrs(worker.study._study_id)
+    best_note = get_note_from_system_attrs(notes, best._trial_id)["body"]
+    assert "**complete**" in best_note and f"best epoch **{epochs}**" in best_note and "| epoch | score |" in best_note
+    for t in rejected:
+        note = get_note_from_system_attrs(notes, t._trial_id)["body"]
+        assert "Rejected before training" in note and t.user_attrs["constraint_reasons"][0] in note
 
 
 def test_trial_config_is_base_plus_params(project):
