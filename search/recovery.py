@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
+
+from search.study import retry_callback
 
 
 def worker_alive(worker: Optional[str]) -> Optional[bool]:
@@ -43,7 +45,7 @@ def recover_dead_trials(study: optuna.Study, max_retry: int) -> list[int]:
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     fail_stale_trials(study)
     storage = study._storage
-    retry = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+    retry = retry_callback(max_retry)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(trial.user_attrs.get("worker")) is not False:
             continue

@@ -38,6 +38,12 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 
 
+def retry_callback(max_retry: int) -> RetryHeartbeatStaleTrialCallback:
+    """How a trial whose worker stopped is queued again: same params and user attrs, and the epochs
+    it already reported, so the retry continues the run instead of starting over."""
+    return RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+
+
 def storage_url(settings: StudySettings) -> str:
     """The study's storage URL, with the default SQLite file made absolute."""
     if settings.study.storage:
@@ -73,8 +79,7 @@ def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStor
         Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
     heartbeat = settings.study.heartbeat_interval if settings else 60
     grace = settings.study.grace_period if settings else 300
-    retry = RetryHeartbeatStaleTrialCallback(settings.study.max_retry if settings else 3,
-                                             inherit_intermediate_values=True)
+    retry = retry_callback(settings.study.max_retry if settings else 3)
     engine_kwargs = {"connect_args": {"timeout": 30}} if scheme == "sqlite" else {"pool_pre_ping": True}
     try:
         return _rdb_with_retry(url, engine_kwargs, heartbeat, grace, retry)

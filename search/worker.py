@@ -38,7 +38,7 @@ from search.notes import outcome_note, rejection_note, save_trial_note
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import StudySettings
 from search.space import SearchSpace, load_search_space
-from search.study import open_study
+from search.study import open_study, retry_callback
 from search.trial_config import load_base_values, trial_values, write_trial_config
 from training.config import config_from_dict
 from training.vram import estimate_vram
@@ -349,8 +349,7 @@ class Worker:
         accepted = trial.user_attrs.get("accepted") is True
         self._fail(trial, "interrupted; queued to continue" if accepted else "interrupted before training")
         if accepted:
-            retry = RetryHeartbeatStaleTrialCallback(self.settings.study.max_retry, inherit_intermediate_values=True)
-            retry(self.study, self.study._storage.get_trial(trial._trial_id))
+            retry_callback(self.settings.study.max_retry)(self.study, self.study._storage.get_trial(trial._trial_id))
 
     def _out_of_memory(self, trial: optuna.Trial, exc: BaseException) -> str:
         """PRUNED, not FAIL: TPE ignores failed trials and would keep proposing what does not fit."""

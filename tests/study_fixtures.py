@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,7 +38,3 @@ def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "
     path = configs / "study.toml"
     path.write_text(toml.dumps(study))
     return path
-
-
-def copy_repo_configs(dest: Path) -> None:
-    shutil.copytree(REPO / "configs", dest / "configs")
