@@ -6,6 +6,9 @@ mix with the user's own tmux sessions. Window ``worker-gpu<N>`` runs ``lora-sear
 ``CUDA_VISIBLE_DEVICES=N``; window ``monitor`` runs ``lora-search status`` every
 ``MONITOR_SECONDS``. ``remain-on-exit`` keeps a finished or crashed worker's pane (its last output and
 exit status) until the session is stopped.
+
+The storage URL reaches the windows through the session's environment (``LORA_SEARCH_STORAGE``), never
+through a command line, so a database password does not show in ``ps`` (see :func:`set_session_storage`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +35,9 @@ MONITOR_SECONDS = 30
 HISTORY_LIMIT = 50000
 # Set in every window, so that `lora-search status` in the monitor finds the session on a custom socket.
 SOCKET_ENV = "LORA_SEARCH_SOCKET"
+# The storage URL of the study, read by every subcommand's --storage default. Windows get it in their
+# environment: a command line is readable by every user in `ps`, a process environment only by its owner.
+STORAGE_ENV = "LORA_SEARCH_STORAGE"
 # The environment a worker needs to run the same installation as the shell that ran `start`. The
 # tmux server keeps the environment it was started with, which may be an older shell's.
 _PASSED_ENV = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "HF_HOME", "HF_HUB_OFFLINE")
@@ -106,11 +113,10 @@ def session_running(settings: StudySettings, socket_name: Optional[str] = None) 
 
 
 def study_cli_args(settings: StudySettings, config: Optional[Path], n_trials: Optional[int] = None) -> list[str]:
-    """The options that make a subcommand run on exactly this study (config path made absolute)."""
+    """The options that, with the storage URL in the session's environment (:func:`set_session_storage`),
+    make a subcommand run on exactly this study (config path made absolute)."""
     args = ["--config", str(Path(config).resolve())] if config else []
     args += ["--study", settings.study.name]
-    if settings.study.storage:
-        args += ["--storage", settings.study.storage]
     if n_trials is not None:
         args += ["--n-trials", str(n_trials)]
     return args
@@ -154,23 +160,53 @@ def start_session(settings: StudySettings, gpus: Sequence[int], study_args: Sequ
         raise already_running(settings, socket_name)
     cwd = str(Path(cwd or os.getcwd()).resolve())
     try:
+        # The monitor waits until the storage URL is in the session's environment (it cannot be on
+        # this command line: a tmux server shows the command line that started it for its whole life).
         session = server.new_session(session_name=name, window_name=MONITOR_WINDOW, attach=False,
-                                     window_command=monitor_command(study_args, monitor_seconds),
-                                     start_directory=cwd, environment=_environment(socket_name))
+                                     window_command="sleep 3600", start_directory=cwd,
+                                     environment=_environment(socket_name))
     except tmux_exc.TmuxSessionExists:  # another `start` won the race
         raise already_running(settings, socket_name) from None
+    try:
+        set_session_storage(socket_name, name, settings.study.storage)
+    except TmuxError:
+        session.kill()  # leave no session whose windows would run on the wrong storage
+        raise
     # Server-wide on lora-search's own socket, set before the workers start so that a worker that
     # crashes at once still leaves its pane and exit status behind.
     server.cmd("set-option", "-g", "-w", "remain-on-exit", "on")
     server.cmd("set-option", "-g", "history-limit", str(HISTORY_LIMIT))
+    session.windows[0].panes[0].cmd("respawn-pane", "-k", "-c", cwd, monitor_command(study_args, monitor_seconds))
     for gpu in gpus:
         _new_worker_window(session, gpu, study_args, socket_name, cwd)
     return session
 
 
+def set_session_storage(socket_name: str, name: str, url: str) -> None:
+    """Put the storage URL into tmux session ``name``'s environment, which every window started later
+    inherits as ``$LORA_SEARCH_STORAGE`` (empty: the study config's storage).
+
+    The command goes to tmux on its standard input, as any tmux command line shows in ``ps``. Set even
+    when empty, since the tmux server's own environment may hold another study's URL.
+    """
+    if "\n" in url or "\r" in url:
+        raise TmuxError("the storage URL contains a line break; remove it from --storage or the study config")
+    command = f"set-environment -t {_tmux_quote('=' + name)} {STORAGE_ENV} {_tmux_quote(url)}\n"
+    done = subprocess.run([require_tmux(), "-L", socket_name, "source-file", "-"], input=command, text=True,
+                          capture_output=True)
+    if done.returncode != 0:
+        raise TmuxError(f"tmux could not set the storage of session '{name}' ({done.stderr.strip()}); "
+                        f"end it with lora-search stop and start again")
+
+
 def _new_worker_window(session, gpu: int, study_args: Sequence[str], socket_name: str, cwd: str) -> None:
     session.new_window(window_name=f"{WORKER_PREFIX}{gpu}", window_shell=worker_command(study_args),
                        environment=_environment(socket_name, gpu), start_directory=cwd, attach=False)
+
+
+def _tmux_quote(text: str) -> str:
+    # tmux's command syntax: nothing is special inside single quotes; a quote itself goes in double quotes.
+    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def restart_workers(settings: StudySettings, study_args: Sequence[str], gpus: Optional[Sequence[int]] = None,
@@ -188,6 +224,7 @@ def restart_workers(settings: StudySettings, study_args: Sequence[str], gpus: Op
         start_session(settings, gpus, study_args, socket_name=socket_name, cwd=cwd)
         return [f"{WORKER_PREFIX}{g}" for g in gpus]
     cwd = str(Path(cwd or os.getcwd()).resolve())
+    set_session_storage(socket_name, session_name(settings), settings.study.storage)
     panes = dict(_worker_panes(session))
     wanted = [f"{WORKER_PREFIX}{g}" for g in gpus] if gpus is not None else list(panes)
     started = []

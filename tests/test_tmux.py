@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import libtmux
 import optuna
@@ -16,7 +17,9 @@ import pytest
 from search.cli import main
 from search.settings import load_settings
 from search.study import open_study
-from search.tmux import TmuxError, find_session, parse_gpus, restart_workers, study_cli_args, worker_windows
+from pg_server import postgres_server  # noqa: F401  (fixture)
+from search.tmux import (STORAGE_ENV, TmuxError, find_session, parse_gpus, restart_workers, set_session_storage,
+                         study_cli_args, worker_windows)
 from search.worker import trained_count
 from study_fixtures import make_project
 
@@ -57,6 +60,26 @@ def wait_for(check, timeout: float, what: str):
 def pane_env(pane) -> dict[str, str]:
     raw = Path(f"/proc/{pane.pane_pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def command_lines() -> list[str]:
+    """The command line of every process on the machine, as ``ps`` shows them to any user."""
+    lines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # not a process, or it just ended
+            continue
+    return lines
+
+
+def with_password(url: str) -> tuple[str, str]:
+    """``url`` with a password (the test server trusts any), and that password."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url, parts.password
+    secret = f"pw{uuid.uuid4().hex[:12]}"
+    return url.replace(f"//{parts.username}@", f"//{parts.username}:{secret}@", 1), secret
 
 
 def test_start_runs_one_worker_per_gpu_until_the_budget(project, sock, capsys, monkeypatch):
@@ -218,3 +241,33 @@ def test_killing_the_whole_tmux_server_then_resume_finishes_the_study(project, s
         [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == number]
         assert retry.state == optuna.trial.TrialState.COMPLETE
         assert retry.user_attrs["run_dir"] == original.user_attrs["run_dir"]
+
+
+def test_storage_password_stays_out_of_the_process_list(project, sock, postgres_server):
+    url, secret = with_password(postgres_server())
+    cfg = make_project(project, n_trials=2)  # the config's own storage: SQLite under runs/
+    assert main(["start", "--config", str(cfg), "--storage", url, "--socket-name", sock]) == 0
+    assert not [line for line in command_lines() if secret in line]  # tmux server, monitor, worker
+    settings = load_settings(cfg, storage=url)
+    study = open_study(settings, create=False)
+    wait_for(lambda: trained_count(study) >= 1, 60, "a worker to start a trial")
+    worker = find_session(settings, sock).windows.get(window_name="worker-gpu0").panes[0]
+    leaked = [line for line in command_lines() if secret in line]
+    assert not leaked, leaked
+    assert pane_env(worker)[STORAGE_ENV] == url
+    wait_for(lambda: all(not w.alive for w in worker_windows(settings, sock)), 120, "the worker to finish")
+    assert trained_count(study) == 2  # the worker trained in the PostgreSQL study, not the config's SQLite
+    assert not (project / "runs" / "t" / "study.db").exists()
+    assert main(["stop", "--config", str(cfg), "--socket-name", sock, "--timeout", "5"]) == 0
+
+
+def test_storage_urls_with_shell_and_tmux_characters_reach_the_session_intact(project, sock):
+    server = libtmux.Server(socket_name=sock)
+    server.new_session(session_name="s", window_command="sleep 60", attach=False)
+    url = "postgresql://u:p'a\"s$HOME ~#;{x}\\@host:5432/db"
+    set_session_storage(sock, "s", url)
+    assert server.cmd("show-environment", "-t", "=s", STORAGE_ENV).stdout == [f"{STORAGE_ENV}={url}"]
+    set_session_storage(sock, "s", "")  # no URL: the study config's storage, not the server's variable
+    assert server.cmd("show-environment", "-t", "=s", STORAGE_ENV).stdout == [f"{STORAGE_ENV}="]
+    with pytest.raises(TmuxError, match="line break"):
+        set_session_storage(sock, "s", "postgresql://u:p@h/db\nx")

@@ -6,6 +6,9 @@ images sampled after an optimizer step (``sample_every_n_steps``) are ``{output_
 ``sample/prompts.json`` records the prompts exactly as generated (trigger substituted) so the evaluator can
 score prompt adherence: ``{"trigger": str | null, "prompts": [{"index", "prompt", "negative_prompt",
 "width", "height", "seed", "steps", "scale"}]}``.
+
+Prompts are cut at 75 tokens, as the diffusers pipeline cuts them, unless ``max_token_length`` is 150 or
+225: then they are encoded in chunks of 75 as training captions are (:func:`prompt_inputs`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -23,6 +27,9 @@ from training.config import TrainingConfig
 from training.errors import ConfigError, LoraSearchError
 
 log = logging.getLogger(__name__)
+
+# Tokens a CLIP text encoder reads at once, besides <BOS> and <EOS>; longer prompts are encoded in chunks.
+CHUNK_TOKENS = 75
 
 # kohya sample_sampler names -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -132,7 +139,8 @@ def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.de
             for prompt in prompts:
                 pipe.scheduler = make_scheduler(getattr(prompt, "sampler", None) or cfg.sample_sampler,
                                                 models.scheduler_config)
-                paths.append(_generate_one(cfg, pipe, prompt, sample_path(cfg, epoch, prompt.index, step), device))
+                path = sample_path(cfg, epoch, prompt.index, step)
+                paths.append(_generate_one(cfg, pipe, prompt, path, device, models))
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
@@ -147,12 +155,55 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, path: Path, device: torch.device) -> Path:
+def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, path: Path, device: torch.device,
+                  models: Any) -> Path:
     generator = torch.Generator(device=device.type).manual_seed(_seed(cfg, prompt))
-    image = pipe(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
-                 width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
-                 guidance_scale=prompt.scale, generator=generator).images[0]
+    image = pipe(**prompt_inputs(cfg, models, pipe, prompt, device), width=prompt.width, height=prompt.height,
+                 num_inference_steps=prompt.steps, guidance_scale=prompt.scale, generator=generator).images[0]
     return atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _text_inputs(prompt: Any) -> dict[str, Any]:
+    return {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
+
+
+def prompt_inputs(cfg: TrainingConfig, models: Any, pipe: Any, prompt: Any, device: torch.device) -> dict[str, Any]:
+    """The pipeline's text arguments for ``prompt``.
+
+    Without a ``max_token_length`` over 75 that is the text (the pipeline keeps 75 tokens). With 150 or
+    225 it is the conditioning :func:`training.models.encode_captions` builds for training captions
+    (chunks of 75, ``clip_skip``), for the prompt and its negative padded to the same number of chunks:
+    as many as the longer of the two needs, at most ``max_token_length / 75``.
+    """
+    if not cfg.max_token_length or cfg.max_token_length <= CHUNK_TOKENS:
+        return _text_inputs(prompt)
+    negative = prompt.negative_prompt or ""
+    longest = max(count_tokens(models, text) for text in (prompt.prompt, negative))
+    if longest > cfg.max_token_length:
+        log.warning("sample prompt %d has %d tokens; only the first max_token_length = %d are used",
+                    prompt.index, longest, cfg.max_token_length)
+    chunks = min(max(1, math.ceil(longest / CHUNK_TOKENS)), cfg.max_token_length // CHUNK_TOKENS)
+    positive = _embeddings(cfg, models, prompt.prompt, device, chunks * CHUNK_TOKENS)
+    if not negative and models.is_sdxl and pipe.config.force_zeros_for_empty_prompt:
+        # as the SDXL pipeline does for an empty negative prompt
+        negative_embeds = {k: torch.zeros_like(v) for k, v in positive.items()}
+    else:
+        negative_embeds = _embeddings(cfg, models, negative, device, chunks * CHUNK_TOKENS)
+    return positive | {f"negative_{k}": v for k, v in negative_embeds.items()}
+
+
+def _embeddings(cfg: TrainingConfig, models: Any, text: str, device: torch.device, length: int) -> dict[str, Any]:
+    from training.models import encode_captions
+
+    hidden, added = encode_captions(models, [text], device, cfg.clip_skip, max_token_length=length)
+    if added is None:
+        return {"prompt_embeds": hidden}
+    return {"prompt_embeds": hidden, "pooled_prompt_embeds": added["text_embeds"]}
+
+
+def count_tokens(models: Any, text: str) -> int:
+    """How many tokens ``text`` has for the model's tokenizers (the most of them), without <BOS>/<EOS>."""
+    return max(len(tok(text, truncation=False, verbose=False).input_ids) - 2 for tok in models.tokenizers)
 
 
 def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int,

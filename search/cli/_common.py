@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from search.settings import StudySettings, load_settings
+from search.tmux import STORAGE_ENV, default_socket_name
 
 DEFAULT_STUDY_CONFIG = Path("configs/study.toml")
 
@@ -18,13 +20,13 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
                         help=f"study config (default: {DEFAULT_STUDY_CONFIG} when it exists)")
     parser.add_argument("--study", metavar="NAME", default=None, help="study name (overrides the config)")
     parser.add_argument("--storage", metavar="URL", default=None,
-                        help="Optuna storage URL: sqlite:///PATH, postgresql://..., journal:PATH")
+                        help="Optuna storage URL: sqlite:///PATH, postgresql://..., journal:PATH (default: "
+                             f"${STORAGE_ENV}, else the config's storage); prefer ${STORAGE_ENV} for a URL "
+                             "with a password, which ps shows on a command line")
 
 
 def add_socket_option(parser: argparse.ArgumentParser) -> None:
     """``--socket-name``: the tmux socket of lora-search's own tmux server."""
-    from search.tmux import default_socket_name
-
     parser.add_argument("--socket-name", metavar="NAME", default=None,
                         help=f"tmux socket of lora-search's own tmux server (default: {default_socket_name()})")
 
@@ -37,7 +39,9 @@ def config_path(args: argparse.Namespace) -> Optional[Path]:
 
 
 def settings_from_args(args: argparse.Namespace) -> StudySettings:
-    return load_settings(config_path(args), study=args.study, storage=args.storage,
+    """The study settings: the config file overridden by ``$LORA_SEARCH_STORAGE``, then by the flags."""
+    storage = args.storage if args.storage is not None else os.environ.get(STORAGE_ENV) or None
+    return load_settings(config_path(args), study=args.study, storage=storage,
                          n_trials=getattr(args, "n_trials", None))
 
 
