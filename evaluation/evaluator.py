@@ -1,8 +1,19 @@
-"""Scoring a run's epochs: :class:`Evaluator` for one epoch, :func:`evaluate_run` for all of them.
+"""Scoring a run's checkpoints: :class:`Evaluator` for one, :func:`evaluate_run` for all of them.
 
-The score of an epoch is the weighted sum of five components in 0..1 (weights from
-``configs/evaluator.toml``). Each epoch also gets a contact sheet, ``contact_sheet_e{epoch:06d}.png``,
-and :func:`evaluate_run` writes ``scores.json`` beside them.
+A run is scored at every epoch and every optimizer step that has sample images (a :class:`SavePoint`).
+The score is the weighted sum of five components in 0..1 (weights from ``configs/evaluator.toml``). Each
+point also gets a contact sheet, ``contact_sheet_e{epoch:06d}.png`` or ``contact_sheet_s{step:08d}.png``,
+and :func:`evaluate_run` writes ``scores.json`` beside them:
+
+* ``epochs``: the epoch entries, ascending, as they have always been (``epoch``, ``total``, ``components``,
+  ``raw``, ``images``, ``contact_sheet``, plus ``step: null`` and ``checkpoint``);
+* ``steps``: the step entries, ascending by step, with the same fields; ``step`` is the optimizer step and
+  ``epoch`` the number of epochs completed before it (the ``ss_epoch`` its checkpoint records);
+* ``checkpoints``: every entry in training order as ``{"label", "epoch", "step", "total", "checkpoint"}``;
+  ``label`` (``"epoch 2"``, ``"step 30"``) is the key of an entry, unique within a run;
+* ``best``: that summary of the best entry over epochs and steps (it may be a step checkpoint);
+* ``best_epoch``, ``best_total``: the best epoch entry and its total (null when only steps were scored),
+  for readers that only know epochs.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from evaluation.clip_loader import ClipModel, load_clip
 from evaluation.contact_sheet import write_contact_sheet
 from evaluation.images import find_images, open_rgb
 from evaluation.quality import technical_quality
-from evaluation.samples import RunLayout, load_prompts, open_run
+from evaluation.generate import generate_missing_samples
+from evaluation.samples import RunLayout, SavePoint, load_prompts, open_run
 from evaluation.settings import COMPONENTS, EvaluatorSettings
 
 SCORES_FILE = "scores.json"
@@ -49,7 +61,9 @@ class ImageScore:
 
 @dataclass
 class EpochScore:
-    """An epoch's weighted total, its five components in 0..1, their raw values and per-image details."""
+    """The score of one epoch or, with ``step``, one optimizer step: the weighted total, the five
+    components in 0..1, their raw values and per-image details. For a step, ``epoch`` counts the epochs
+    completed before it (see :class:`SavePoint`). ``checkpoint`` is the LoRA file saved there, if any."""
 
     epoch: int
     total: float
@@ -57,33 +71,67 @@ class EpochScore:
     raw: dict[str, float]
     images: list[ImageScore]
     contact_sheet: Path
+    step: Optional[int] = None
+    checkpoint: Optional[Path] = None
+
+    @property
+    def point(self) -> SavePoint:
+        return SavePoint(self.epoch, self.step)
+
+    @property
+    def label(self) -> str:
+        """``"epoch 2"`` or ``"step 30"``: the entry's key within its run."""
+        return self.point.label
 
     def to_json(self, run_dir: Path) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["contact_sheet"] = _relative(self.contact_sheet, run_dir)
+        data["checkpoint"] = _relative(self.checkpoint, run_dir) if self.checkpoint else None
         return data
+
+    def summary(self, run_dir: Path) -> dict[str, Any]:
+        """The entry's line in ``checkpoints`` and ``best`` of ``scores.json``."""
+        return {"label": self.label, "epoch": self.epoch, "step": self.step, "total": self.total,
+                "checkpoint": _relative(self.checkpoint, run_dir) if self.checkpoint else None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], run_dir: Path) -> "EpochScore":
-        """The inverse of :meth:`to_json`."""
+        """The inverse of :meth:`to_json` (entries written before steps were scored read as epochs)."""
         images = [ImageScore(**image) for image in data["images"]]
+        checkpoint = data.get("checkpoint")
         return cls(epoch=data["epoch"], total=data["total"], components=data["components"], raw=data["raw"],
-                   images=images, contact_sheet=Path(run_dir) / data["contact_sheet"])
+                   images=images, contact_sheet=Path(run_dir) / data["contact_sheet"], step=data.get("step"),
+                   checkpoint=Path(run_dir) / checkpoint if checkpoint else None)
 
 
 @dataclass
 class RunScores:
-    """Every scored epoch of a run, the best one and where ``scores.json`` was written."""
+    """Every scored checkpoint of a run in training order, the best one and where ``scores.json`` was written."""
 
     run_dir: Path
-    epochs: list[EpochScore]
-    best_epoch: int
+    checkpoints: list[EpochScore]
+    best: EpochScore  # over epochs and steps
     scores_path: Path
-    generated_epochs: list[int] = field(default_factory=list)  # sampled here from their checkpoints
+    generated: list[SavePoint] = field(default_factory=list)  # sampled here from their checkpoints
 
     @property
-    def best(self) -> EpochScore:
-        return next(e for e in self.epochs if e.epoch == self.best_epoch)
+    def epochs(self) -> list[EpochScore]:
+        """The epoch entries, ascending."""
+        return [c for c in self.checkpoints if c.step is None]
+
+    @property
+    def steps(self) -> list[EpochScore]:
+        """The step entries, ascending."""
+        return [c for c in self.checkpoints if c.step is not None]
+
+    @property
+    def best_epoch(self) -> Optional[int]:
+        """The best epoch entry's epoch (None when only steps were scored)."""
+        return best_epoch(self.epochs) if self.epochs else None
+
+    @property
+    def generated_epochs(self) -> list[int]:
+        return [p.epoch for p in self.generated if p.step is None]
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -137,23 +185,32 @@ class Evaluator:
 
     def score_epoch(self, run_dir: Path, epoch: int) -> EpochScore:
         """Score one epoch's samples and write its contact sheet."""
+        return self.score_point(run_dir, SavePoint(epoch))
+
+    def score_step(self, run_dir: Path, step: int) -> EpochScore:
+        """Score the samples of one optimizer step and write its contact sheet."""
+        return self.score_point(run_dir, open_run(run_dir).step_point(step))
+
+    def score_point(self, run_dir: Path, point: SavePoint) -> EpochScore:
+        """Score the samples of one epoch or step and write its contact sheet."""
         layout = open_run(run_dir)
         trigger, prompts = load_prompts(layout)
-        paths = layout.epoch_samples(epoch)
+        paths = layout.samples(point)
         if not paths:
-            raise LoraSearchError(f"epoch {epoch} has no samples in {layout.sample_dir}; sample that epoch first")
+            raise LoraSearchError(f"{point.label} has no samples in {layout.sample_dir}; sample that "
+                                  f"{'epoch' if point.step is None else 'step'} first")
         missing = sorted(set(paths) - set(prompts))
         if missing:
             raise LoraSearchError(f"{layout.sample_dir}/prompts.json has no prompt index {missing[0]}; re-run sampling")
         indices = sorted(paths)
         images = [open_rgb(paths[i]) for i in indices]
         texts = [strip_trigger(prompts[i].prompt, trigger) for i in indices]
-        epoch_score = self._score_images(layout, [paths[i] for i in indices], indices, images, texts, epoch)
-        self._write_sheet(epoch_score, images)
-        return epoch_score
+        score = self._score_images(layout, [paths[i] for i in indices], indices, images, texts, point)
+        self._write_sheet(score, images)
+        return score
 
     def _score_images(self, layout: RunLayout, paths: list[Path], indices: list[int], images: list,
-                      texts: list[str], epoch: int) -> EpochScore:
+                      texts: list[str], point: SavePoint) -> EpochScore:
         s, clip = self.settings, self.clip
         full = clip.encode_images(images)
         crops = clip.encode_images([comp.centre_crop(im, s.pose_variety.center_crop) for im in images])
@@ -169,8 +226,9 @@ class Evaluator:
                "technical": scores["technical"]}
         per_image = [self._image_score(i, paths[n], texts[n], id_raw[n], style_raw[n],
                                        adh_raw[n], technical[n]) for n, i in enumerate(indices)]
-        return EpochScore(epoch=epoch, total=combine(scores, s), components=scores, raw=raw, images=per_image,
-                          contact_sheet=layout.run_dir / f"contact_sheet_e{epoch:06d}.png")
+        return EpochScore(epoch=point.epoch, total=combine(scores, s), components=scores, raw=raw, images=per_image,
+                          contact_sheet=layout.run_dir / f"contact_sheet_{point.tag}.png", step=point.step,
+                          checkpoint=layout.checkpoint(point))
 
     def _image_score(self, index: int, path: Path, prompt: str, identity: float, style: float,
                      adherence: float, technical: tuple[float, dict]) -> ImageScore:
@@ -191,7 +249,8 @@ class Evaluator:
     def _write_sheet(self, score: EpochScore, images: list) -> None:
         labels = [f"#{im.index:02d}  score {im.score:.2f}" for im in score.images]
         parts = "  ".join(f"{name} {value:.2f}" for name, value in score.components.items())
-        title = f"epoch {score.epoch}  total {score.total:.3f}  |  {parts}"
+        where = score.label if score.step is None else f"{score.label} (after epoch {score.epoch})"
+        title = f"{where}  total {score.total:.3f}  |  {parts}"
         write_contact_sheet(score.contact_sheet, images, labels, title)
 
 
@@ -208,66 +267,63 @@ def best_epoch(epochs: list[EpochScore]) -> int:
     return max(epochs, key=lambda e: (e.total, -e.epoch)).epoch
 
 
-def write_scores(run_dir: Path, epochs: list[EpochScore], settings: EvaluatorSettings) -> RunScores:
-    """Write ``{run_dir}/scores.json`` atomically for the given epoch scores; returns the summary."""
+def best_checkpoint(scores: list[EpochScore]) -> EpochScore:
+    """The entry (epoch or step) with the highest total; on a tie the earlier one in training order."""
+    if not scores:
+        raise LoraSearchError("no checkpoints were scored; sample at least one epoch")
+    return max(training_order(scores), key=lambda e: e.total)  # max keeps the first of equal totals
+
+
+def training_order(scores: list[EpochScore]) -> list[EpochScore]:
+    """The entries sorted as training produced them (see :class:`SavePoint`)."""
+    return sorted(scores, key=lambda e: e.point.sort_key())
+
+
+def write_scores(run_dir: Path, scores: list[EpochScore], settings: EvaluatorSettings) -> RunScores:
+    """Write ``{run_dir}/scores.json`` atomically for the given epoch and step scores; returns the summary."""
     run_dir = Path(run_dir)
-    epochs = sorted(epochs, key=lambda e: e.epoch)
-    best = best_epoch(epochs)
+    ordered = training_order(scores)
+    best = best_checkpoint(ordered)
+    epochs = [e for e in ordered if e.step is None]
+    legacy_best = best_epoch(epochs) if epochs else None
     data = {
-        "best_epoch": best,
-        "best_total": next(e.total for e in epochs if e.epoch == best),
+        "best_epoch": legacy_best,
+        "best_total": next((e.total for e in epochs if e.epoch == legacy_best), None),
+        "best": best.summary(run_dir),
         "weights": settings.weights.as_dict(),
         "clip_model": settings.clip.model,
+        "checkpoints": [e.summary(run_dir) for e in ordered],
         "epochs": [e.to_json(run_dir) for e in epochs],
+        "steps": [e.to_json(run_dir) for e in ordered if e.step is not None],
     }
     path = atomic_write_text(run_dir / SCORES_FILE, json.dumps(data, indent=2) + "\n")
-    return RunScores(run_dir=run_dir, epochs=epochs, best_epoch=best, scores_path=path)
+    return RunScores(run_dir=run_dir, checkpoints=ordered, best=best, scores_path=path)
 
 
 def read_scores(run_dir: Path) -> list[EpochScore]:
-    """The epochs a run's ``scores.json`` holds (none when it has no readable one)."""
+    """The epochs and steps a run's ``scores.json`` holds, in training order (none when it has no readable one)."""
     path = Path(run_dir) / SCORES_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return [EpochScore.from_json(epoch, Path(run_dir)) for epoch in data["epochs"]]
+        entries = [*data["epochs"], *data.get("steps", [])]
+        return training_order([EpochScore.from_json(entry, Path(run_dir)) for entry in entries])
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
-def generate_missing_samples(layout: RunLayout) -> list[int]:
-    """Sample every epoch that has a checkpoint but no images, with the run's prompt file; returns them.
-
-    Nothing is generated when the run's config has no ``sample_prompts``.
-    """
-    checkpoints = layout.checkpoints()
-    missing = sorted(set(checkpoints) - set(layout.sampled_epochs()))
-    if not missing or not layout.config.sample_prompts:
-        return []
-    from training.sampling import generate_samples
-
-    cfg = layout.config
-    model = cfg.pretrained_model_name_or_path
-    cfg = dataclasses.replace(  # samples belong in this run folder, wherever the run was trained
-        cfg, output_dir=str(layout.run_dir), sample_prompts=str(layout.resolve(cfg.sample_prompts)),
-        pretrained_model_name_or_path=str(layout.resolve(model)) if model else model)
-    for epoch in missing:
-        generate_samples(cfg, checkpoints[epoch], epoch)
-    return missing
-
-
 def evaluate_run(run_dir: Path, settings: EvaluatorSettings, evaluator: Optional[Evaluator] = None,
                  generate_missing: bool = True) -> RunScores:
-    """Score every epoch of ``run_dir`` that has samples; writes contact sheets and ``scores.json``.
+    """Score every epoch and step of ``run_dir`` that has samples; writes contact sheets and ``scores.json``.
 
-    With ``generate_missing``, epochs that have a checkpoint but no samples are sampled first.
+    With ``generate_missing``, epoch and step checkpoints that have no samples are sampled first.
     """
     layout = open_run(run_dir)
     generated = generate_missing_samples(layout) if generate_missing else []
-    epochs = layout.sampled_epochs()
-    if not epochs:
+    points = layout.sampled_points()
+    if not points:
         raise LoraSearchError(f"{layout.run_dir} has no sample images in {layout.sample_dir} and no checkpoints "
                               "to sample; give a finished run (with sample_prompts set)")
     evaluator = evaluator or Evaluator(settings)
-    scores = write_scores(layout.run_dir, [evaluator.score_epoch(layout.run_dir, e) for e in epochs], settings)
-    scores.generated_epochs = generated
+    scores = write_scores(layout.run_dir, [evaluator.score_point(layout.run_dir, p) for p in points], settings)
+    scores.generated = generated
     return scores

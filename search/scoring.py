@@ -59,7 +59,8 @@ class ClipScorer(CheckpointScorer):
     """The built-in CLIP-weighted evaluator; one instance keeps CLIP and reference embeddings loaded.
 
     An epoch saved without samples (a kohya run, or save and sample intervals that differ) is sampled
-    from its checkpoint first. Each scored epoch updates the run's ``scores.json``.
+    from its checkpoint first, by :func:`evaluation.sample_checkpoint` as ``lora-search evaluate`` does.
+    Each scored epoch updates the run's ``scores.json``, keeping the entries already there (steps too).
     """
 
     def __init__(self, evaluator_config: Path):
@@ -67,22 +68,20 @@ class ClipScorer(CheckpointScorer):
 
         self.settings = load_settings(evaluator_config)
         self.evaluator = Evaluator(self.settings)
-        self.history: dict[Path, dict[int, object]] = {}
+        self.history: dict[Path, dict[str, object]] = {}  # run folder -> entry label -> evaluation score
 
     def score(self, run_dir: Path, config_path: Path, epoch: int, checkpoint: Path) -> EpochScore:
-        from evaluation import read_scores, write_scores
-        from evaluation.samples import open_run
+        from evaluation import RunLayout, SavePoint, read_scores, sample_checkpoint, write_scores
+        from training.config import load_training_config
 
-        if not open_run(run_dir).epoch_samples(epoch):
-            from training.config import load_training_config
-            from training.sampling import generate_samples
-
-            generate_samples(load_training_config(config_path), checkpoint, epoch)
+        layout = RunLayout(Path(run_dir), load_training_config(config_path))
+        if not layout.epoch_samples(epoch):
+            sample_checkpoint(layout, SavePoint(epoch), checkpoint)
         result = self.evaluator.score_epoch(run_dir, epoch)
-        if Path(run_dir) not in self.history:  # a retry keeps the epochs its crashed run scored
-            self.history[Path(run_dir)] = {e.epoch: e for e in read_scores(run_dir)}
+        if Path(run_dir) not in self.history:  # a retry keeps the entries its crashed run scored
+            self.history[Path(run_dir)] = {e.label: e for e in read_scores(run_dir)}
         scored = self.history[Path(run_dir)]
-        scored[epoch] = result
+        scored[result.label] = result
         write_scores(run_dir, list(scored.values()), self.settings)
         images = [result.contact_sheet] if result.contact_sheet else []
         return EpochScore(epoch=epoch, total=result.total, components=dict(result.components), images=images)

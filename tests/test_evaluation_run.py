@@ -156,9 +156,10 @@ def test_evaluate_cli_prints_the_table_and_marks_the_best(tmp_path, clip_dir, ca
             "--references", str(tmp_path / "refs")]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["epoch", "identity", "pose_variety", "style", "prompt_adherence", "technical", "total"]
-    rows = {line.split()[0]: line for line in out[1:3]}
-    assert rows["2"].endswith("* best") and "best" not in rows["1"]
+    assert out[0].split() == ["checkpoint", "identity", "pose_variety", "style", "prompt_adherence", "technical",
+                              "total"]
+    rows = {" ".join(line.split()[:2]): line for line in out[1:3]}
+    assert rows["epoch 2"].endswith("* best") and "best" not in rows["epoch 1"]
     assert "best epoch 2" in out[3] and (run / "scores.json").is_file()
 
 
