@@ -8,9 +8,16 @@ achieved TFLOP/s and MFU, and peak GPU memory.
 * ``reference``: what a diffusers training example does: frozen UNet in bf16 with peft LoRA layers in
   float32, bf16 autocast, ``torch.optim.AdamW(fused=True)``, MSE on random latents and text embeddings.
 * ``trainer``: the step of ``training/trainer.py``'s loop, run through the trainer's own helpers
-  (``_place_models``, ``_build_optimization``, ``_loss``, ``_backward``, ``_optimizer_step``) on a
-  ``_Run`` holding in-memory random-weight models; as in the loop it encodes the captions with the
-  frozen text encoder(s), moves the cached (CPU) latents to the GPU and reads the loss with ``.item()``.
+  (``_place_models``, ``_build_optimization``, ``_setup_fast``, ``_micro_step``, ``_optimizer_step``) on
+  a ``_Run`` holding in-memory random-weight models, with the fast path of ``training/fast.py``: UNet
+  step compiled (CUDA graphs), caption embeddings cached with the text encoders and VAE moved off the
+  GPU, cached latents copied from pinned memory, losses kept on the device. Its first call (which
+  compiles, or loads the compiled kernels from the cache) is timed apart as ``first_step_s``.
+* ``trainer-eager`` (only with ``--variants``): the same with ``LORA_SEARCH_EAGER=1``, the trainer's
+  plain step.
+
+On CUDA each variant's step also runs once under ``torch.cuda.set_sync_debug_mode``, and the number of
+host-device synchronisations it made is reported (``syncs``).
 
 FLOPs are the model FLOPs of one reference step (UNet forward and backward with LoRA), counted once per
 architecture and batch with ``torch.utils.flop_counter.FlopCounterMode``; TFLOP/s and MFU of both variants
@@ -47,6 +54,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0}
 CAPTION = "a photo of a sks dog sitting on a wooden bench in a sunny park, detailed, high quality"
 
 Step = Callable[[], None]
+VARIANTS = ("reference", "trainer", "trainer-eager")
 
 
 @dataclass
@@ -63,6 +71,9 @@ class Result:
     tflops: Optional[float] = None
     mfu: Optional[float] = None
     peak_mem_gib: Optional[float] = None
+    first_step_s: Optional[float] = None
+    compiled: Optional[bool] = None
+    syncs: Optional[int] = None
     step_ms: list = field(default_factory=list)
     error: Optional[str] = None
 
@@ -187,9 +198,14 @@ def reference_step(unet: Any, optimizer: torch.optim.Optimizer, batch: int, devi
     return step
 
 
-def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path) -> Any:
-    """A ``training.trainer._Run`` set up as ``_setup`` does, on in-memory models and without a dataset."""
-    from training import trainer
+def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path, eager: bool = False) -> Any:
+    """A ``training.trainer._Run`` set up as ``_setup`` does, on in-memory models and without a dataset.
+
+    ``eager``: set up with ``LORA_SEARCH_EAGER=1`` (no compile, no caption cache, nothing offloaded).
+    """
+    import os
+
+    from training import fast, trainer
     from training.config import TrainingConfig
 
     cfg = TrainingConfig(
@@ -206,12 +222,19 @@ def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path) -> A
     trainer._place_models(run)
     run.steps_per_epoch, run.epochs, run.total_steps = cfg.max_train_steps, 1, cfg.max_train_steps
     trainer._build_optimization(run)
+    run.latents = []  # stands for the cached latents: the VAE is not needed in a step
+    saved = os.environ.get(fast.EAGER_ENV)
+    os.environ[fast.EAGER_ENV] = "1" if eager else "0"
+    try:
+        trainer._setup_fast(run, captions={CAPTION})
+    finally:
+        os.environ.pop(fast.EAGER_ENV) if saved is None else os.environ.__setitem__(fast.EAGER_ENV, saved)
     return run
 
 
 def trainer_step(run: Any, batch: int, smoke: bool) -> Step:
     """The body of ``trainer._train_epoch`` for one batch with cached latents (no accumulation)."""
-    from training import trainer
+    from training import fast, trainer
     from training.data import Batch
 
     size = run.models.unet.config.sample_size
@@ -219,14 +242,15 @@ def trainer_step(run: Any, batch: int, smoke: bool) -> Step:
     data = Batch(indices=list(range(batch)), captions=[CAPTION] * batch, flipped=[False] * batch, pixels=None,
                  latents=torch.randn(batch, 4, size, size), original_hw=[(px, px)] * batch,
                  crop_top_left=[(0, 0)] * batch, target_hw=[(px, px)] * batch)
+    data = fast.pin(data)  # as the loop's loader threads leave it
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     accum = run.cfg.gradient_accumulation_steps
+    losses = fast.LossLog()
 
     def step() -> None:
-        loss = trainer._loss(run, data)
-        trainer._backward(run, loss / accum)
-        loss.item()  # the loop reads every step's loss for its log
+        losses.add(trainer._micro_step(run, data, accum))
         trainer._optimizer_step(run, params)
+        losses.end_step()
 
     return step
 
@@ -252,6 +276,23 @@ def time_step(step: Step, steps: int, warmup: int, device: torch.device) -> list
     return times
 
 
+def count_syncs(step: Step, device: torch.device) -> Optional[int]:
+    """How many times one call of ``step`` made the host wait for the GPU (None off CUDA)."""
+    import warnings
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def count_flops(step: Step) -> float:
     """FLOPs of one call of ``step`` (matrix products, convolutions and attention), as torch counts them."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -270,10 +311,14 @@ def measure(arch: str, variant: str, batch: int, make_step: Callable[[int], Step
         torch.cuda.reset_peak_memory_stats(device)
     try:
         step = make_step(batch)
+        started = time.perf_counter()
+        step()  # the first call pays one-time set-up (compilation), not counted in ms/step
+        _sync(device)
+        result.first_step_s = round(time.perf_counter() - started, 2)
         if variant == "reference":
-            step()  # first call pays one-time set-up, not counted
             result.model_tflop = count_flops(step) / 1e12
         result.step_ms = time_step(step, args.steps, args.warmup, device)
+        result.syncs = count_syncs(step, device)
     except torch.cuda.OutOfMemoryError:
         result.error = "out of memory"
         return result
@@ -294,21 +339,26 @@ def _free(device: torch.device) -> None:
 
 
 def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> list[Result]:
-    """Both variants of ``arch`` at every batch size: the reference first, each model freed after its runs."""
+    """Every variant of ``arch`` at every batch size: the reference first, each model freed after its runs."""
     kind, results = ARCHS[arch], []
-    unet, optimizer = reference_model(kind, args.smoke, device)
-    make_step = partial(reference_step, unet, optimizer, device=device, smoke=args.smoke)
-    for batch in args.batches:
-        results.append(measure(arch, "reference", batch, make_step, args, device))
-    del unet, optimizer, make_step
-    _free(device)
-    with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as folder:
-        run = trainer_run(kind, args.smoke, device, Path(folder))
-        make_step = partial(trainer_step, run, smoke=args.smoke)
+    if "reference" in args.variants:
+        unet, optimizer = reference_model(kind, args.smoke, device)
+        make_step = partial(reference_step, unet, optimizer, device=device, smoke=args.smoke)
         for batch in args.batches:
-            results.append(measure(arch, "trainer", batch, make_step, args, device))
-        del run, make_step
-    _free(device)
+            results.append(measure(arch, "reference", batch, make_step, args, device))
+        del unet, optimizer, make_step
+        _free(device)
+    for variant in [v for v in args.variants if v != "reference"]:
+        with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as folder:
+            run = trainer_run(kind, args.smoke, device, Path(folder), eager=variant == "trainer-eager")
+            make_step = partial(trainer_step, run, smoke=args.smoke)
+            for batch in args.batches:
+                result = measure(arch, variant, batch, make_step, args, device)
+                result.compiled = run.unet_loss.compiled
+                results.append(result)
+            run.unet_loss.release()
+            del run, make_step
+        _free(device)
     return results
 
 
@@ -347,7 +397,8 @@ def _fmt(value: Optional[float], spec: str, scale: float = 1.0) -> str:
 
 def format_table(results: list[Result]) -> str:
     """A plain-text table, one row per architecture, variant and batch size."""
-    head = ("arch", "variant", "batch", "ms/step", "img/s", "x ref", "TFLOP/step", "TFLOP/s", "MFU %", "peak GiB")
+    head = ("arch", "variant", "batch", "ms/step", "img/s", "x ref", "TFLOP/step", "TFLOP/s", "MFU %", "peak GiB",
+            "1st s", "compiled", "syncs")
     rows = [head]
     for r in results:
         if r.error:
@@ -355,7 +406,9 @@ def format_table(results: list[Result]) -> str:
             continue
         rows.append((r.arch, r.variant, str(r.batch), _fmt(r.ms_per_step, ".1f"), _fmt(r.images_per_s, ".2f"),
                      _fmt(r.speedup, ".2f"), _fmt(r.model_tflop, ".3g"), _fmt(r.tflops, ".3g"), _fmt(r.mfu, ".1f", 100),
-                     _fmt(r.peak_mem_gib, ".2f")))
+                     _fmt(r.peak_mem_gib, ".2f"), _fmt(r.first_step_s, ".1f"),
+                     "n/a" if r.compiled is None else ("yes" if r.compiled else "no"),
+                     "n/a" if r.syncs is None else str(r.syncs)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     def line(row: tuple) -> str:
         return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -395,6 +448,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batches", help="comma-separated batch sizes (default 1,4,8; smoke 1,2)")
     parser.add_argument("--steps", type=int, help="timed steps per variant and batch (default 20; smoke 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5; smoke 1)")
+    parser.add_argument("--variants", default="reference,trainer",
+                        help="comma-separated, from reference, trainer, trainer-eager (default reference,trainer)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny two-block models: a quick end-to-end check")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU on unlisted devices")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/train_step-<device>.json)")
@@ -406,6 +461,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not batches or min(batches) < 1:
         parser.error(f"--batches {args.batches!r}: batch sizes must be at least 1")
     args.batches = batches
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown or not args.variants:
+        parser.error(f"--variants {','.join(unknown) or '(none)'}: choose from {', '.join(VARIANTS)}")
     args.steps = args.steps if args.steps is not None else (3 if args.smoke else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     if args.steps < 1 or args.warmup < 0:

@@ -28,19 +28,21 @@ def test_smoke_prints_table_and_writes_json(bench, tmp_path: Path, capsys: pytes
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("arch"))
     assert lines[header].split() == ["arch", "variant", "batch", "ms/step", "img/s", "x", "ref", "TFLOP/step",
-                                      "TFLOP/s", "MFU", "%", "peak", "GiB"]
+                                      "TFLOP/s", "MFU", "%", "peak", "GiB", "1st", "s", "compiled", "syncs"]
     rows = [line.split() for line in lines[header + 1:header + 9]]
     assert {(r[0], r[1], r[2]) for r in rows} == {(a, v, b) for a in ("sd15", "sdxl")
                                                   for v in ("reference", "trainer") for b in ("1", "2")}
     assert all(float(r[3]) > 0 for r in rows)  # ms/step measured
     assert all(r[5] == "1.00" for r in rows if r[1] == "reference")
-    assert all(r[-1] == "n/a" for r in rows)  # no GPU memory to report on the CPU
+    assert all(r[9] == "n/a" and r[-1] == "n/a" for r in rows)  # no GPU memory or syncs to report on the CPU
+    assert all(r[-2] == ("n/a" if r[1] == "reference" else "no") for r in rows)  # the CPU default: not compiled
     assert lines[-1] == f"wrote {out}"
 
     data = json.loads(out.read_text())
     assert data["device"] == "cpu" and data["smoke"] is True and data["rank"] == 64
     results = data["results"]
     assert len(results) == 8 and all(len(r["step_ms"]) == 2 and r["error"] is None for r in results)
+    assert all(r["first_step_s"] > 0 for r in results)
     # FLOPs grow with the batch and both variants are measured against the same model FLOPs.
     flops = {(r["arch"], r["variant"], r["batch"]): r["model_tflop"] for r in results}
     for arch in ("sd15", "sdxl"):

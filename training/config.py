@@ -34,6 +34,8 @@ SCHEDULERS = (
     "polynomial",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# torch.compile backends the trainer accepts (sd-scripts offers more, which need extra packages).
+DYNAMO_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 
 # Every argument name of sd-scripts' train_network.py (read from its argparse set-up). A key from this
 # list that is not a TrainingConfig field is "not supported" rather than "unknown".
@@ -93,6 +95,9 @@ class TrainingConfig:
     save_precision: Optional[str] = _opt(None, "training", "dtype of saved LoRA files: float, fp16 or bf16")
     seed: Optional[int] = _opt(None, "training", "random seed")
     sdpa: bool = _opt(False, "training", "PyTorch scaled-dot-product attention (always used here)")
+    torch_compile: Optional[bool] = _opt(None, "training", "torch.compile the UNet step (CUDA graphs on a GPU); "
+                                         "unset: on with CUDA, off on the CPU")
+    dynamo_backend: str = _opt("inductor", "training", "torch.compile backend: " + ", ".join(DYNAMO_BACKENDS))
     xformers: bool = _opt(False, "training", "refused: lora-search uses PyTorch SDPA")
     min_snr_gamma: Optional[float] = _opt(None, "training", "min-SNR loss weighting gamma; 0 or unset disables")
     noise_offset: Optional[float] = _opt(None, "training", "noise offset strength")
@@ -182,6 +187,10 @@ def _check_choices(cfg: TrainingConfig) -> None:
         raise _bad("save_model_as", cfg.save_model_as, 'only "safetensors" is written')
     if cfg.xformers:
         raise _bad("xformers", True, "xformers is not used; attention runs on PyTorch SDPA: set xformers = false")
+    backend = str(cfg.dynamo_backend).lower()
+    if backend not in DYNAMO_BACKENDS:
+        raise _bad("dynamo_backend", cfg.dynamo_backend, "use one of " + ", ".join(DYNAMO_BACKENDS))
+    cfg.dynamo_backend = backend
     if cfg.max_token_length not in (None, 75, 150, 225):
         raise _bad("max_token_length", cfg.max_token_length, "use 75, 150 or 225")
 

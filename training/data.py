@@ -383,6 +383,15 @@ class TrainDataset:
     def batches_per_epoch(self, batch_size: int) -> int:
         return count_batches(self.items, self.buckets, batch_size)
 
+    def caption_set(self) -> Optional[set[str]]:
+        """Every caption a batch can carry (with "" when captions drop out); None when shuffled tags make them too many."""
+        if self.options.shuffle_caption:
+            return None
+        texts = {item.caption for item in self.items}
+        if self.options.caption_dropout_rate > 0:
+            texts.add("")
+        return texts
+
     def make_batch(self, indices: Sequence[int], seed: int, epoch: int, batch_no: int,
                    latents: Optional[Sequence["torch.Tensor"]] = None,
                    flipped_latents: Optional[Sequence["torch.Tensor"]] = None) -> Batch:

@@ -19,6 +19,7 @@ import torch
 
 from training.config import TrainingConfig
 from training.errors import LoraSearchError
+from training.fast import to_device
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 # A key present only in SDXL base checkpoints (the second, OpenCLIP bigG text encoder).
@@ -283,13 +284,14 @@ def write_clip_tokenizer(folder: Path, pad_token: str) -> Path:
 
 # --- caption conditioning ------------------------------------------------------------------------------
 
+
 def _tokenize(tokenizer: Any, captions: list[str], device: torch.device, max_token_length: Optional[int]) -> torch.Tensor:
     """Token ids (B, n, 77): one row of 77 for 75 tokens, or ``n`` chunks of 75 as sd-scripts splits longer captions."""
     window = tokenizer.model_max_length
     length = (max_token_length or window - 2) + 2
     ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     if length == window:
-        return ids[:, None].to(device)
+        return to_device(ids[:, None], device)
     chunks = []
     for i in range(1, length - window + 2, window - 2):
         chunk = torch.cat([ids[:, :1], ids[:, i:i + window - 2], ids[:, -1:]], dim=1)
@@ -299,7 +301,7 @@ def _tokenize(tokenizer: Any, captions: list[str], device: torch.device, max_tok
             chunk[full, -1] = tokenizer.eos_token_id
             chunk[chunk[:, 1] == tokenizer.pad_token_id, 1] = tokenizer.eos_token_id
         chunks.append(chunk)
-    return torch.stack(chunks, dim=1).to(device)
+    return to_device(torch.stack(chunks, dim=1), device)
 
 
 def _join_chunks(hidden: torch.Tensor, batch: int) -> torch.Tensor:
@@ -329,13 +331,14 @@ def encode_captions(models: SDModels, captions: list[str], device: torch.device,
     out2 = te2(ids2.flatten(0, 1), output_hidden_states=True)
     hidden = torch.cat([_join_chunks(h1, n), _join_chunks(out2.hidden_states[-2], n)], dim=-1)
     pooled = out2.text_embeds.reshape(n, ids2.shape[1], -1)[:, 0]  # the first chunk's pooled output
-    return hidden, {"text_embeds": pooled, "time_ids": _sdxl_time_ids(batch, n, models, device)}
+    return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, n, models, device)}
 
 
-def _sdxl_time_ids(batch: Any, n: int, models: SDModels, device: torch.device) -> torch.Tensor:
+def sdxl_time_ids(batch: Any, n: int, models: SDModels, device: torch.device) -> torch.Tensor:
+    """SDXL's size conditioning per example: original size, crop corner, target size (H, W order)."""
     if batch is None:  # no image sizes: a square image at the model's native size, uncropped
         size = models.unet.config.sample_size * models.vae_scale_factor
         rows = [(size, size, 0, 0, size, size)] * n
     else:
         rows = [(*o, *c, *t) for o, c, t in zip(batch.original_hw, batch.crop_top_left, batch.target_hw)]
-    return torch.tensor(rows, dtype=torch.float32, device=device)
+    return to_device(torch.tensor(rows, dtype=torch.float32), device)

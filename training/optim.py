@@ -72,12 +72,19 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> torch.opti
     """The optimizer ``cfg.optimizer_type`` over ``param_groups`` with ``cfg.optimizer_args``."""
     cls, defaults = _optimizer_class(cfg.optimizer_type)
     kwargs = {**defaults, **parse_optimizer_args(cfg.optimizer_args)}
+    if cls is torch.optim.AdamW and not {"fused", "foreach"} & kwargs.keys() and _all_on_cuda(param_groups):
+        kwargs["fused"] = True  # one kernel for every parameter's update, and no wait for the GPU under fp16
     try:
         return cls(param_groups, lr=cfg.learning_rate, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"optimizer_args = {cfg.optimizer_args!r}: {cfg.optimizer_type} rejects them ({exc}); fix the names") from None
     except ValueError as exc:
         raise ConfigError(f"optimizer_args = {cfg.optimizer_args!r}: {exc}") from None
+
+
+def _all_on_cuda(param_groups: list[dict]) -> bool:
+    params = [p for group in param_groups for p in group["params"]]
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 def build_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -31,10 +30,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
 from training.errors import ConfigError, LoraSearchError
+from training import fast
 from training.models import encode_captions
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,7 @@ class EpochEnd:
     checkpoint: Optional[Path]  # None when no checkpoint was saved this epoch
     samples: list[Path]  # empty when no samples were generated this epoch
     run_dir: Path  # = output_dir
+    losses: list[float] = field(default_factory=list)  # each optimizer step's loss (this process's steps)
 
 
 @dataclass
@@ -89,6 +89,9 @@ class _Run:
     total_steps: int = 0
     global_step: int = 0
     started_at: float = field(default_factory=time.time)
+    unet_loss: Any = None  # fast.UnetLoss: the (compiled) UNet forward and loss
+    captions: Any = None  # fast.CaptionCache when the text encoders are frozen and captions fixed
+    offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
 
 
 def pick_device() -> torch.device:
@@ -115,8 +118,8 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
             log.info("training %d epochs, %d steps (%d per epoch) from epoch %d, step %d", run.epochs,
                      run.total_steps, run.steps_per_epoch, done + 1, run.global_step)
         for epoch in range(done + 1, run.epochs + 1):
-            _train_epoch(run, epoch, start_batch if epoch == done + 1 else 0)
-            event = _end_epoch(run, epoch)
+            losses = _train_epoch(run, epoch, start_batch if epoch == done + 1 else 0)
+            event = _end_epoch(run, epoch, losses)
             if on_epoch_end is not None:
                 on_epoch_end(event)
         final = _final_path(run)
@@ -134,7 +137,9 @@ def _output_dir(cfg: TrainingConfig) -> Path:
 
 
 def _release(run: _Run) -> None:
-    run.models = run.network = run.optimizer = None
+    if run.unet_loss is not None:
+        run.unet_loss.release()
+    run.models = run.network = run.optimizer = run.unet_loss = run.captions = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -169,6 +174,7 @@ def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) 
     _plan_steps(run)
     _cache_latents(run, latent_cache_dir)
     _build_optimization(run)
+    _setup_fast(run)
     return run
 
 
@@ -262,9 +268,50 @@ def _build_optimization(run: _Run) -> None:
         run.scaler = torch.amp.GradScaler(run.device.type)
 
 
+def _trains_text_encoder(run: _Run) -> bool:
+    return any(part.prefix != "lora_unet" and part.trained for part in run.network.parts)
+
+
+def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
+    """The fast step (see :mod:`training.fast`): compiled UNet loss, cached captions, frozen models off the GPU.
+
+    ``captions`` are the texts to cache (default: the dataset's, when it can list them).
+    """
+    cfg, cuda = run.cfg, run.device.type == "cuda"
+    plain = fast.eager_forced()
+    if cuda:
+        fast.configure_cuda()
+        if not plain:
+            run.models.unet.to(memory_format=torch.channels_last)
+    compile_ = fast.should_compile(cfg.torch_compile, run.device)
+    run.unet_loss = fast.UnetLoss(run.models.unet, run.autocast_dtype, run.device, compile_, cfg.dynamo_backend)
+    if compile_:
+        log.info("compiling the UNet step with torch.compile (%s%s); each new batch shape takes a while the "
+                 "first time, cached in %s", cfg.dynamo_backend, ", CUDA graphs" if run.unet_loss.cuda_graphs else "",
+                 fast.compile_cache_dir())
+    # Moved once here, so add_noise / get_velocity / compute_snr never copy it to the GPU in a step.
+    run.noise_scheduler.alphas_cumprod = run.noise_scheduler.alphas_cumprod.to(run.device)
+    if plain or _trains_text_encoder(run):
+        return
+    if captions is None and run.dataset is not None:
+        captions = run.dataset.caption_set()
+    if captions is not None:
+        run.captions = fast.CaptionCache(run.models, captions, run.device, cfg.clip_skip, cfg.max_token_length,
+                                         run.autocast_dtype)
+        log.info("text embeddings of %d captions cached; the text encoder%s wait on the CPU", len(run.captions),
+                 "s" if len(run.models.text_encoders) > 1 else "")
+        run.offloaded += run.models.text_encoders
+    if run.latents is not None:
+        run.offloaded.append(run.models.vae)
+    if cuda and run.offloaded:
+        for module in run.offloaded:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+
 def default_cache_dir() -> Path:
     """Where latents are cached when no folder is given."""
-    return Path(os.environ.get("LORA_SEARCH_CACHE") or Path.home() / ".cache" / "lora-search") / "latents"
+    return fast.cache_root() / "latents"
 
 
 def _cache_latents(run: _Run, cache_dir: str | Path | None) -> None:
@@ -301,15 +348,15 @@ def _vae_key(run: _Run) -> str:
     return f"{digest.hexdigest()}|{next(vae.parameters()).dtype}|{vae.config.scaling_factor}"
 
 
-def _encoder(run: _Run, seeded: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def _encoder(run: _Run, seeded: bool = False, to_cpu: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     vae = run.models.vae
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(run.device.type).manual_seed(0) if seeded else None
-        pixels = pixels.to(run.device, dtype=next(vae.parameters()).dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-        return (latents * vae.config.scaling_factor).float().cpu()
+        pixels = fast.to_device(pixels, run.device).to(next(vae.parameters()).dtype)
+        latents = (vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
+        return latents.cpu() if to_cpu else latents
 
     return encode
 
@@ -369,35 +416,40 @@ def _write_config_copy(cfg: TrainingConfig, out: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> None:
-    """The epoch's batches from ``start_batch`` on, with gradient accumulation; updates run.global_step."""
+def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
+    """The epoch's batches from ``start_batch`` on, with gradient accumulation; updates run.global_step.
+
+    Returns the loss of each optimizer step taken.
+    """
     cfg = run.cfg
     accum = cfg.gradient_accumulation_steps
     batches = run.dataset.epoch_batches(cfg.train_batch_size, run.seed, epoch)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     bar = _progress(run, epoch)
-    losses, started, steps_before = [], time.perf_counter(), run.global_step
+    losses, started, steps_before = fast.LossLog(), time.perf_counter(), run.global_step
 
     def make(batch_no: int) -> Any:
-        return run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents, run.flipped)
+        return fast.pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
+                                               run.flipped))
 
     todo = range(start_batch, len(batches))
     for batch_no, batch in _prefetched(make, todo, cfg.max_data_loader_n_workers):
         if run.global_step >= run.total_steps:
             break
-        loss = _loss(run, batch)
-        _backward(run, loss / accum)
-        losses.append(loss.item())
+        losses.add(_micro_step(run, batch, accum))
         if (batch_no + 1) % accum == 0 or batch_no == len(batches) - 1:
             _optimizer_step(run, params)
-            _show_step(run, bar, epoch, losses[-accum:])
+            losses.end_step()
+            _show_step(run, bar, epoch, losses)
             _after_step(run, epoch, batches_done=batch_no + 1)
     if bar is not None:
         bar.close()
+    values = losses.values()  # the epoch's one wait for the GPU
     seconds = time.perf_counter() - started
     log.info("epoch %d/%d: loss %.4f, lr %.2e, %.2f it/s, step %d/%d", epoch, run.epochs,
-             float(np.mean(losses)) if losses else float("nan"), _lr(run),
+             float(np.mean(values)) if values else float("nan"), _lr(run),
              (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps)
+    return values
 
 
 def _prefetched(make: Callable[[int], Any], numbers: range, workers: int) -> Iterator[tuple[int, Any]]:
@@ -422,10 +474,16 @@ def _prefetched(make: Callable[[int], Any], numbers: range, workers: int) -> Ite
             yield n, batch
 
 
-def _show_step(run: _Run, bar: Any, epoch: int, losses: list[float]) -> None:
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", lr=f"{_lr(run):.2e}")
+# Steps between progress-bar loss updates: reading a loss waits for the GPU to drain its queue.
+SHOW_LOSS_EVERY = 20
+
+
+def _show_step(run: _Run, bar: Any, epoch: int, losses: fast.LossLog) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if run.global_step % SHOW_LOSS_EVERY == 0 or run.global_step == 1:
+        bar.set_postfix(epoch=epoch, loss=f"{losses.last(SHOW_LOSS_EVERY):.4f}", lr=f"{_lr(run):.2e}")
 
 
 def _due(step: int, every: Optional[int]) -> bool:
@@ -443,7 +501,8 @@ def _after_step(run: _Run, epoch: int, batches_done: int) -> None:
         _save_checkpoint(run, epoch - 1, run.out / f"{_name(cfg)}-step{step:08d}.safetensors")
         _save_state(run, epoch - 1, batch=batches_done)
     if cfg.sample_prompts and _due(step, cfg.sample_every_n_steps):
-        sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype, step=step)
+        with fast.models_on(run.offloaded, run.device):
+            sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype, step=step)
 
 
 def _progress(run: _Run, epoch: int) -> Any:
@@ -489,27 +548,43 @@ def _autocast(run: _Run) -> Any:
     return torch.autocast(run.device.type, dtype=run.autocast_dtype)
 
 
+def _micro_step(run: _Run, batch: Any, accum: int) -> torch.Tensor:
+    """Forward and backward of one batch (its gradients added to the LoRA's); returns its loss."""
+    loss = _loss(run, batch)
+    _backward(run, loss / accum)
+    return loss
+
+
 def _loss(run: _Run, batch: Any) -> torch.Tensor:
-    """The (min-SNR weighted) noise- or v-prediction MSE of one batch."""
+    """The (min-SNR weighted) noise- or v-prediction MSE of one batch.
+
+    The random draws (noise, offset, timesteps) happen here, outside the compiled part, in the same order
+    as always, so a compiled run and an eager one train on the same numbers.
+    """
     cfg, sched = run.cfg, run.noise_scheduler
-    latents = batch.latents if batch.latents is not None else _encoder(run)(batch.pixels)
-    latents = latents.to(run.device)
+    if batch.latents is not None:
+        latents = fast.to_device(batch.latents, run.device)
+    else:
+        latents = _encoder(run, to_cpu=False)(batch.pixels)
     noise = torch.randn_like(latents)
     if cfg.noise_offset:
         noise = apply_noise_offset(noise, cfg.noise_offset)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=run.device)
     noisy = sched.add_noise(latents, noise, timesteps)
-    trains_te = any(part.prefix != "lora_unet" and part.trained for part in run.network.parts)
-    with _autocast(run):
-        with torch.set_grad_enabled(trains_te):  # a frozen text encoder needs no activation memory
-            hidden, added = encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch,
-                                            cfg.max_token_length)
-        pred = run.models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+    hidden, added = _conditioning(run, batch)
     target = sched.get_velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        loss = loss * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
-    return loss.mean()
+    weights = (min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
+               if cfg.min_snr_gamma else None)
+    return run.unet_loss(noisy, timesteps, hidden, added, target, weights)
+
+
+def _conditioning(run: _Run, batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
+    """The batch's text conditioning: from the caption cache, else from the text encoder(s)."""
+    if run.captions is not None:
+        return run.captions.lookup(batch.captions, batch)
+    cfg = run.cfg
+    with _autocast(run), torch.set_grad_enabled(_trains_text_encoder(run)):  # frozen: no activation memory
+        return encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch, cfg.max_token_length)
 
 
 def apply_noise_offset(noise: torch.Tensor, offset: float) -> torch.Tensor:
@@ -528,7 +603,7 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float, v_pre
 
 # --- end of epoch --------------------------------------------------------------------------------------
 
-def _end_epoch(run: _Run, epoch: int) -> EpochEnd:
+def _end_epoch(run: _Run, epoch: int, losses: Optional[list[float]] = None) -> EpochEnd:
     """Save what is due for ``epoch``: checkpoint, state, samples (in that order)."""
     from training.sampling import sample_images
 
@@ -543,8 +618,10 @@ def _end_epoch(run: _Run, epoch: int) -> EpochEnd:
         _save_state(run, epoch)
     samples = []
     if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-        samples = sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype)
-    return EpochEnd(epoch=epoch, global_step=run.global_step, checkpoint=checkpoint, samples=samples, run_dir=run.out)
+        with fast.models_on(run.offloaded, run.device):
+            samples = sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype)
+    return EpochEnd(epoch=epoch, global_step=run.global_step, checkpoint=checkpoint, samples=samples, run_dir=run.out,
+                    losses=list(losses or []))
 
 
 def _name(cfg: TrainingConfig) -> str:

@@ -1,0 +1,297 @@
+"""What makes the training step fast on a GPU, apart from the loop's bookkeeping in ``training.trainer``.
+
+A plain (eager) PyTorch step spends most of its time on a GPU waiting for thousands of small kernel
+launches, and every host-device synchronisation stalls the queue. So:
+
+* :class:`UnetLoss` runs the UNet forward and the loss through ``torch.compile`` (config
+  ``torch_compile``: unset means on with CUDA, off on the CPU) with the ``dynamo_backend``; on CUDA the
+  inductor backend runs in ``reduce-overhead`` mode, which replays the step as CUDA graphs. Every batch
+  shape (bucket, short last batch) compiles once per run; the generated code is cached on disk
+  (:func:`compile_cache_dir`), so a later run with the same model, rank and shapes skips code
+  generation. Compilation errors surface on the first call of a shape; then the run logs one warning and
+  goes on eagerly. Noise and timesteps are drawn outside the compiled part, so the compiled and the
+  eager step see the same random numbers.
+* :class:`CaptionCache` encodes every caption once when no text-encoder LoRA is trained and captions are
+  not shuffled; then the text encoders, and the VAE once latents are cached, leave the GPU until sample
+  images need them (:func:`models_on`).
+* Nothing in a step waits for the GPU: batches go to the device from pinned memory without blocking
+  (:func:`to_device`), and losses stay on the device (:class:`LossLog`) until the epoch's log line.
+
+``LORA_SEARCH_EAGER=1`` in the environment turns all of this off (no compile, no caption cache, models
+stay on the device): the plain step, to compare against or to rule the fast path out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+EAGER_ENV = "LORA_SEARCH_EAGER"
+# Distinct batch shapes a run may compile (buckets times batch sizes); torch's default of 8 would silently
+# drop a many-bucket run back to eager.
+RECOMPILE_LIMIT = 64
+
+
+def eager_forced() -> bool:
+    """Whether ``LORA_SEARCH_EAGER`` asks for the plain step."""
+    return os.environ.get(EAGER_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def cache_root() -> Path:
+    """lora-search's cache folder: ``$LORA_SEARCH_CACHE`` or ``~/.cache/lora-search``."""
+    return Path(os.environ.get("LORA_SEARCH_CACHE") or Path.home() / ".cache" / "lora-search")
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``<cache_root>/torch_compile``."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_root() / "torch_compile")
+
+
+def should_compile(torch_compile: Optional[bool], device: torch.device) -> bool:
+    """The config's ``torch_compile`` resolved for ``device`` (unset: CUDA only), unless eager is forced."""
+    if eager_forced():
+        return False
+    return device.type == "cuda" if torch_compile is None else bool(torch_compile)
+
+
+def configure_cuda() -> None:
+    """Let cuDNN pick the fastest convolution per shape and float32 matmuls use TF32 (bf16/fp16 are unaffected)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory without blocking the host."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def pin(batch: Any) -> Any:
+    """The batch with its latents / pixels in pinned memory (for :func:`to_device`); unchanged without CUDA."""
+    if not torch.cuda.is_available():
+        return batch
+    for name in ("latents", "pixels"):
+        tensor = getattr(batch, name, None)
+        if tensor is not None and not tensor.is_pinned():
+            setattr(batch, name, tensor.pin_memory())
+    return batch
+
+
+# --- the compiled UNet step ----------------------------------------------------------------------------
+
+class UnetLoss:
+    """``(noisy, timesteps, hidden, added, target, weights) -> loss``: the UNet forward and its MSE, compiled when asked.
+
+    ``weights`` are per-sample loss weights (min-SNR) or None. The loss is a 0-dim float32 tensor; under
+    CUDA graphs its memory is reused by the next call, so keep a copy (as :class:`LossLog` does), not it.
+    """
+
+    def __init__(self, unet: torch.nn.Module, autocast_dtype: Optional[torch.dtype], device: torch.device,
+                 compile: bool = False, backend: str = "inductor") -> None:
+        self.unet, self.autocast_dtype, self.device = unet, autocast_dtype, device
+        self.backend = backend
+        self.cuda_graphs = compile and device.type == "cuda" and backend in ("inductor", "cudagraphs")
+        self._compiled = None
+        self._shapes: set[tuple] = set()
+        self.compiles: list[dict] = []  # per batch shape: seconds of its first (compiling) call, cache hits/misses
+        if compile:
+            import torch._dynamo
+
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
+            self._compiled = torch.compile(self.eager, backend=backend, mode=mode, dynamic=False)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps go through ``torch.compile`` (False from the start, or after a failed compile)."""
+        return self._compiled is not None
+
+    def eager(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, added: Optional[dict],
+              target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """The step's forward and loss, run as plain PyTorch."""
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if weights is not None:
+            loss = loss * weights
+        return loss.mean()
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if self._compiled is None:
+            return self.eager(*args)
+        import torch._functorch.config
+
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
+        shape = tuple(args[0].shape)
+        new_shape = shape not in self._shapes
+        started, before = time.perf_counter(), _cache_counts()
+        try:
+            # Lower the backward pass with the forward, so a compile error shows here, before any gradient.
+            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                loss = self._compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # a real limit of this configuration, reported as such
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager step
+            cause = exc
+            while getattr(cause, "inner_exception", None) is not None:  # torch wraps the compiler's own error
+                cause = cause.inner_exception
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            log.warning("torch.compile (%s) failed: %s: %s; training goes on without compilation "
+                        "(set torch_compile = false to skip it)", getattr(self.backend, "__name__", self.backend),
+                        type(cause).__name__, first)
+            self.release()
+            return self.eager(*args)
+        if new_shape:
+            self._shapes.add(shape)
+            self._note_compile(shape, time.perf_counter() - started, before)
+        return loss
+
+    def _note_compile(self, shape: tuple, seconds: float, before: dict[str, int]) -> None:
+        after = _cache_counts()
+        entry = {"shape": list(shape), "seconds": round(seconds, 2),
+                 **{key: after[key] - before[key] for key in after}}
+        self.compiles.append(entry)
+        log.info("UNet step compiled for latents %s in %.1f s (compiled-graph cache: %d hits, %d misses)",
+                 "x".join(map(str, shape)), seconds, entry["cache_hits"], entry["cache_misses"])
+
+    def release(self) -> None:
+        """Drop the compiled code (and its CUDA graphs) of this process."""
+        if self._compiled is not None:
+            import torch._dynamo
+
+            self._compiled = None
+            torch._dynamo.reset()
+
+
+def _cache_counts() -> dict[str, int]:
+    """torch's running counts of compiled graphs found in / missing from the on-disk cache."""
+    from torch._dynamo.utils import counters
+
+    return {"cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
+# --- caption conditioning ------------------------------------------------------------------------------
+
+class CaptionCache:
+    """The frozen text encoders' conditioning of a fixed set of captions, computed once, on the device.
+
+    :meth:`lookup` gives what ``training.models.encode_captions`` would: the hidden states and, for
+    SDXL, the pooled embedding with the batch's size ids.
+    """
+
+    def __init__(self, models: Any, captions: Iterable[str], device: torch.device, clip_skip: Optional[int],
+                 max_token_length: Optional[int], autocast_dtype: Optional[torch.dtype], chunk: int = 32) -> None:
+        from training.models import encode_captions
+
+        texts = sorted(set(captions))
+        self.index = {text: i for i, text in enumerate(texts)}
+        self.models, self.device = models, device
+        self.clip_skip, self.max_token_length = clip_skip, max_token_length
+        hidden, pooled = [], []
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            for start in range(0, len(texts), chunk):
+                h, added = encode_captions(models, texts[start:start + chunk], device, clip_skip, None,
+                                           max_token_length)
+                hidden.append(h)
+                if added is not None:
+                    pooled.append(added["text_embeds"])
+        self.hidden = torch.cat(hidden) if hidden else None
+        self.pooled = torch.cat(pooled) if pooled else None
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, captions: list[str], batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
+        """Conditioning for ``captions`` (and ``batch``'s SDXL size ids), without running a text encoder."""
+        if any(text not in self.index for text in captions):
+            return self._encode_missing(captions, batch)
+        from training.models import sdxl_time_ids
+
+        rows = [self.index[text] for text in captions]
+        # Python-int slices are views: no index tensor to copy to the device, so no wait for the GPU.
+        hidden = torch.cat([self.hidden[i:i + 1] for i in rows])
+        if self.pooled is None:
+            return hidden, None
+        pooled = torch.cat([self.pooled[i:i + 1] for i in rows])
+        return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, len(rows), self.models, self.device)}
+
+    def _encode_missing(self, captions: list[str], batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
+        # Every caption of the dataset is cached up front; this only guards against a caption rule changing.
+        from training.models import encode_captions
+
+        self.misses += 1
+        if self.misses == 1:
+            log.warning("a caption outside the text-embedding cache; encoding it where the text encoder is")
+        te_device = next(self.models.text_encoders[0].parameters()).device
+        with torch.no_grad():
+            hidden, added = encode_captions(self.models, captions, te_device, self.clip_skip, batch,
+                                            self.max_token_length)
+        if added is not None:
+            added = {k: v.to(self.device) for k, v in added.items()}
+        return hidden.to(self.device), added
+
+
+@contextlib.contextmanager
+def models_on(modules: list, device: torch.device) -> Iterator[None]:
+    """Move ``modules`` that were offloaded to the CPU onto ``device`` for a block, and back after it."""
+    moved = [m for m in modules if m is not None and next(m.parameters()).device.type != device.type]
+    for module in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in moved:
+            module.to("cpu")
+        if moved and device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --- losses ----------------------------------------------------------------------------------------------
+
+class LossLog:
+    """Per-step losses of an epoch, kept on the device and read once (a single wait for the GPU)."""
+
+    def __init__(self) -> None:
+        self._micro: list[torch.Tensor] = []
+        self._steps: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss (copied: a CUDA-graph output is overwritten by the next step)."""
+        self._micro.append(loss.detach().float().clone())
+
+    def end_step(self) -> None:
+        """Close an optimizer step: its loss is the mean of its micro-batches."""
+        if self._micro:
+            self._steps.append(torch.stack(self._micro).mean())
+            self._micro = []
+
+    def last(self, n: int) -> Optional[float]:
+        """The mean of the last ``n`` step losses (waits for the GPU); None before the first step."""
+        if not self._steps:
+            return None
+        return float(torch.stack(self._steps[-n:]).mean())
+
+    def values(self) -> list[float]:
+        """Every step loss so far, as floats."""
+        return torch.stack(self._steps).tolist() if self._steps else []
