@@ -79,31 +79,32 @@ def test_compiled_run_trains_like_the_plain_run(make_config, tmp_path, monkeypat
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=LOSS_RTOL, atol=0)
     _assert_close_weights(fast.checkpoint, plain.checkpoint, WEIGHT_ATOL)
     # The fast run compiled (it did not quietly fall back) and read its captions from the cache.
-    assert "UNet step compiled for latents 2x4x16x16" in caplog.text
+    assert "UNet step compiled for input 2x4x16x16" in caplog.text
     assert "text embeddings of 5 captions cached" in caplog.text  # 4 captions and the dropped-out ""
     assert "failed" not in caplog.text
     assert any(compile_cache.rglob("*")), "the compiled kernels were not written to the cache folder"
 
 
 def test_a_new_process_reuses_the_compiled_kernels(make_config, tmp_path, monkeypatch, compile_cache):
-    """A trial in a fresh worker process finds its graphs in the on-disk cache instead of compiling them."""
+    """A trial in a fresh worker process finds its graphs in the on-disk cache instead of compiling them,
+    also when its network_alpha differs (the search samples alpha for every trial)."""
     from training.config import write_config
 
     cfg = _unet_only(make_config, tmp_path, "first", torch_compile=True)
     write_config(tmp_path / "first.toml", cfg.to_dict())
-    write_config(tmp_path / "second.toml", {**cfg.to_dict(), "output_dir": str(tmp_path / "second")})
+    write_config(tmp_path / "second.toml", {**cfg.to_dict(), "output_dir": str(tmp_path / "second"),
+                                            "network_alpha": 3.0})
     script = textwrap.dedent("""
         import json, sys
         from training import train
         from training.config import load_training_config
-        from training.trainer import _Run
         import training.fast as fast
         seen = []
-        original = fast.UnetLoss.release
-        def release(self):
-            seen.extend(self.compiles)
-            original(self)
-        fast.UnetLoss.release = release
+        original = fast.Compiled._note_compile
+        def note(self, *args):
+            original(self, *args)
+            seen.append(self.compiles[-1])
+        fast.Compiled._note_compile = note
         train(load_training_config(sys.argv[1]))
         print(json.dumps(seen))
     """)
@@ -121,16 +122,27 @@ def test_a_new_process_reuses_the_compiled_kernels(make_config, tmp_path, monkey
         load_file(str(tmp_path / "first" / "lora.safetensors")).keys()
 
 
-def test_compiled_run_resumed_mid_run_ends_with_the_same_weights(make_config, tmp_path, monkeypatch,
-                                                                   compile_cache):
+def test_compiled_text_encoder_run_with_adamw8bit_matches_plain_and_resumes(make_config, tmp_path, monkeypatch,
+                                                                            compile_cache, caplog):
+    """The search's usual set-up: text-encoder LoRA trained (so it runs, compiled, in every step), AdamW8bit."""
     from training import train
 
     class Stop(Exception):
         pass
 
-    straight, _ = _train(_unet_only(make_config, tmp_path, "straight", torch_compile=True, max_train_epochs=3,
-                                    save_state=True), False, monkeypatch)
-    cfg = _unet_only(make_config, tmp_path, "resumed", torch_compile=True, max_train_epochs=3, save_state=True)
+    caplog.set_level(logging.INFO, logger="training")
+
+    def config(out):
+        return _unet_only(make_config, tmp_path, out, network_train_unet_only=False, text_encoder_lr=5e-4,
+                          optimizer_type="AdamW8bit", torch_compile=True, max_train_epochs=3, save_state=True)
+
+    _, plain_losses = _train(config("plain"), True, monkeypatch)
+    straight, straight_losses = _train(config("straight"), False, monkeypatch)
+    assert "text encoder compiled for input" in caplog.text and "UNet step compiled" in caplog.text
+    assert "failed" not in caplog.text
+    torch.testing.assert_close(torch.tensor(straight_losses), torch.tensor(plain_losses), rtol=LOSS_RTOL, atol=0)
+
+    cfg = config("resumed")
 
     def stop_after_first(event):
         if event.epoch == 1:
@@ -140,8 +152,8 @@ def test_compiled_run_resumed_mid_run_ends_with_the_same_weights(make_config, tm
     with pytest.raises(Stop):
         train(cfg, on_epoch_end=stop_after_first)
     resumed, losses = _train(cfg, False, monkeypatch, resume=True)
-    assert len(losses) == 4  # epochs 2 and 3 only
-    _assert_close_weights(resumed.checkpoint, straight.checkpoint, 1e-7)
+    assert losses == straight_losses[2:]  # epochs 2 and 3, step for step
+    _assert_close_weights(resumed.checkpoint, straight.checkpoint, 0)
 
 
 # --- the pieces ------------------------------------------------------------------------------------------
@@ -169,7 +181,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_step(caplog):
     with caplog.at_level(logging.WARNING, logger="training.fast"):
         loss = step(*args)
     assert not step.compiled
-    assert "training goes on without compilation" in caplog.text and "no C++ compiler found" in caplog.text
+    assert "training goes on without compiling it" in caplog.text and "no C++ compiler found" in caplog.text
     torch.testing.assert_close(loss, UnetLoss(unet, None, torch.device("cpu")).eager(*args))
     loss.backward()  # the fallback's loss trains as usual
     assert step(*args).requires_grad

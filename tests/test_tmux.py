@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -130,7 +131,8 @@ def test_start_runs_one_worker_per_gpu_until_the_budget(project, sock, capsys, m
 
     assert main(["stop", "--study", "t", "--socket-name", sock, "--timeout", "5"]) == 0
     out = capsys.readouterr().out
-    assert "worker-gpu0: exited with status 0" in out and "killed tmux session 't'" in out
+    # tmux 3.3 sometimes never records a finished pane's exit status; then stop reports it as unknown.
+    assert re.search(r"worker-gpu0: exited( with status 0)?\n", out) and "killed tmux session 't'" in out
     assert find_session(settings, sock) is None
 
 
@@ -202,8 +204,11 @@ def test_restart_workers_brings_back_a_killed_worker_and_leaves_live_ones(projec
     wait_for(lambda: trained_count(open_study(settings, create=False)) >= 1, 30, "a trial to start training")
     os.kill(int(pane.pane_pid), signal.SIGKILL)
     wait_for(lambda: not worker_windows(settings, sock)[0].alive, 10, "the killed worker's pane to die")
-    status = wait_for(lambda: worker_windows(settings, sock)[0].exit_status, 10, "tmux to reap the killed worker")
-    assert status == 128 + signal.SIGKILL  # shown like a shell's 137
+    try:
+        status = wait_for(lambda: worker_windows(settings, sock)[0].exit_status, 10, "tmux to reap the killed worker")
+    except AssertionError:
+        status = None  # tmux 3.3 sometimes never records a dead pane's exit status; restarting must not need it
+    assert status in (None, 128 + signal.SIGKILL)  # shown like a shell's 137
 
     assert restart_workers(settings, study_args, socket_name=sock) == ["worker-gpu0"]
     assert restart_workers(settings, study_args, gpus=[0, 1], socket_name=sock) == ["worker-gpu1"]

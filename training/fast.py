@@ -3,7 +3,8 @@
 A plain (eager) PyTorch step spends most of its time on a GPU waiting for thousands of small kernel
 launches, and every host-device synchronisation stalls the queue. So:
 
-* :class:`UnetLoss` runs the UNet forward and the loss through ``torch.compile`` (config
+* :class:`UnetLoss` runs the UNet forward and the loss (and :class:`Compiled` the text encoders when
+  they run in the step) through ``torch.compile`` (config
   ``torch_compile``: unset means on with CUDA, off on the CPU) with the ``dynamo_backend``; on CUDA the
   inductor backend runs in ``reduce-overhead`` mode, which replays the step as CUDA graphs. Every batch
   shape (bucket, short last batch) compiles once per run; the generated code is cached on disk
@@ -92,33 +93,77 @@ def pin(batch: Any) -> Any:
 
 # --- the compiled UNet step ----------------------------------------------------------------------------
 
-class UnetLoss:
-    """``(noisy, timesteps, hidden, added, target, weights) -> loss``: the UNet forward and its MSE, compiled when asked.
+class Compiled:
+    """``fn`` through ``torch.compile`` when asked; ``fn`` itself from the start, or for good once compiling fails.
 
-    ``weights`` are per-sample loss weights (min-SNR) or None. The loss is a 0-dim float32 tensor; under
-    CUDA graphs its memory is reused by the next call, so keep a copy (as :class:`LossLog` does), not it.
+    ``name`` is for the log. Outputs under CUDA graphs live in memory the next step reuses: call
+    :func:`begin_step` before each step, and keep copies (as :class:`LossLog` does) of what must outlive it.
     """
 
-    def __init__(self, unet: torch.nn.Module, autocast_dtype: Optional[torch.dtype], device: torch.device,
-                 compile: bool = False, backend: str = "inductor") -> None:
-        self.unet, self.autocast_dtype, self.device = unet, autocast_dtype, device
-        self.backend = backend
+    def __init__(self, fn: Any, name: str, device: torch.device, compile: bool = False,
+                 backend: Any = "inductor") -> None:
+        self.fn, self.name, self.device, self.backend = fn, name, device, backend
         self.cuda_graphs = compile and device.type == "cuda" and backend in ("inductor", "cudagraphs")
         self._compiled = None
         self._shapes: set[tuple] = set()
-        self.compiles: list[dict] = []  # per batch shape: seconds of its first (compiling) call, cache hits/misses
+        self.compiles: list[dict] = []  # per input shape: seconds of its first (compiling) call, cache hits/misses
         if compile:
-            import torch._dynamo
-
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            _prepare_dynamo()
             mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
-            self._compiled = torch.compile(self.eager, backend=backend, mode=mode, dynamic=False)
+            self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=False)
 
     @property
     def compiled(self) -> bool:
-        """Whether steps go through ``torch.compile`` (False from the start, or after a failed compile)."""
+        """Whether calls go through ``torch.compile`` (False from the start, or after a failed compile)."""
         return self._compiled is not None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            return self.fn(*args)
+        shapes = _shapes_of(args)
+        started, before = time.perf_counter(), _cache_counts()
+        try:
+            with _eager_backward_lowering():
+                out = self._compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # a real limit of this configuration, reported as such
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the plain call
+            self._fall_back(exc)
+            return self.fn(*args)
+        if shapes not in self._shapes:
+            self._shapes.add(shapes)
+            self._note_compile(shapes, time.perf_counter() - started, before)
+        return out
+
+    def _fall_back(self, exc: Exception) -> None:
+        cause = exc
+        while getattr(cause, "inner_exception", None) is not None:  # torch wraps the compiler's own error
+            cause = cause.inner_exception
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        log.warning("torch.compile (%s) of the %s failed: %s: %s; training goes on without compiling it "
+                    "(set torch_compile = false to skip compilation)", getattr(self.backend, "__name__", self.backend),
+                    self.name, type(cause).__name__, first)
+        self._compiled = None
+
+    def _note_compile(self, shapes: tuple, seconds: float, before: dict[str, int]) -> None:
+        after = _cache_counts()
+        entry = {"shape": list(shapes[0]) if shapes else [], "seconds": round(seconds, 2),
+                 **{key: after[key] - before[key] for key in after}}
+        self.compiles.append(entry)
+        log.info("%s compiled for input %s in %.1f s (compiled-graph cache: %d hits, %d misses)", self.name,
+                 "x".join(map(str, entry["shape"])), seconds, entry["cache_hits"], entry["cache_misses"])
+
+
+class UnetLoss(Compiled):
+    """``(noisy, timesteps, hidden, added, target, weights) -> loss``: the UNet forward and its MSE.
+
+    ``weights`` are per-sample loss weights (min-SNR) or None. The loss is a 0-dim float32 tensor.
+    """
+
+    def __init__(self, unet: torch.nn.Module, autocast_dtype: Optional[torch.dtype], device: torch.device,
+                 compile: bool = False, backend: Any = "inductor") -> None:
+        self.unet, self.autocast_dtype = unet, autocast_dtype
+        super().__init__(self.eager, "UNet step", device, compile, backend)
 
     def eager(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, added: Optional[dict],
               target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -132,52 +177,47 @@ class UnetLoss:
             loss = loss * weights
         return loss.mean()
 
-    def __call__(self, *args: Any) -> torch.Tensor:
-        if self._compiled is None:
-            return self.eager(*args)
-        import torch._functorch.config
 
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
-        shape = tuple(args[0].shape)
-        new_shape = shape not in self._shapes
-        started, before = time.perf_counter(), _cache_counts()
-        try:
-            # Lower the backward pass with the forward, so a compile error shows here, before any gradient.
-            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-                loss = self._compiled(*args)
-        except torch.OutOfMemoryError:
-            raise  # a real limit of this configuration, reported as such
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager step
-            cause = exc
-            while getattr(cause, "inner_exception", None) is not None:  # torch wraps the compiler's own error
-                cause = cause.inner_exception
-            first = (str(cause).strip().splitlines() or [""])[0][:300]
-            log.warning("torch.compile (%s) failed: %s: %s; training goes on without compilation "
-                        "(set torch_compile = false to skip it)", getattr(self.backend, "__name__", self.backend),
-                        type(cause).__name__, first)
-            self.release()
-            return self.eager(*args)
-        if new_shape:
-            self._shapes.add(shape)
-            self._note_compile(shape, time.perf_counter() - started, before)
-        return loss
+def begin_step(calls: Iterable[Optional[Compiled]]) -> None:
+    """Before a step's first compiled call: tell CUDA graphs that the previous step's outputs are done with."""
+    if any(c is not None and c.compiled and c.cuda_graphs for c in calls):
+        torch.compiler.cudagraph_mark_step_begin()
 
-    def _note_compile(self, shape: tuple, seconds: float, before: dict[str, int]) -> None:
-        after = _cache_counts()
-        entry = {"shape": list(shape), "seconds": round(seconds, 2),
-                 **{key: after[key] - before[key] for key in after}}
-        self.compiles.append(entry)
-        log.info("UNet step compiled for latents %s in %.1f s (compiled-graph cache: %d hits, %d misses)",
-                 "x".join(map(str, shape)), seconds, entry["cache_hits"], entry["cache_misses"])
 
-    def release(self) -> None:
-        """Drop the compiled code (and its CUDA graphs) of this process."""
-        if self._compiled is not None:
-            import torch._dynamo
+def release_compiled() -> None:
+    """Drop every compiled graph (and CUDA graph) of this process, so the next run starts clean."""
+    import torch._dynamo
 
-            self._compiled = None
-            torch._dynamo.reset()
+    torch._dynamo.reset()
+
+
+def _prepare_dynamo() -> None:
+    import torch._dynamo
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
+
+
+def _shapes_of(args: Any) -> tuple:
+    """The shapes of every tensor in ``args`` (through lists, tuples and dicts), in order."""
+    if isinstance(args, torch.Tensor):
+        return (tuple(args.shape),)
+    if isinstance(args, dict):
+        args = list(args.values())
+    if isinstance(args, (list, tuple)):
+        return tuple(shape for item in args for shape in _shapes_of(item))
+    return ()
+
+
+def _eager_backward_lowering() -> Any:
+    """Lower the backward pass with the forward, so that a compile error shows at the forward call, before
+    any gradient exists (torch versions without the switch lower it at the first backward)."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)
 
 
 def _cache_counts() -> dict[str, int]:

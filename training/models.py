@@ -316,22 +316,35 @@ def _join_chunks(hidden: torch.Tensor, batch: int) -> torch.Tensor:
 def encode_captions(models: SDModels, captions: list[str], device: torch.device, clip_skip: Optional[int] = None,
                     batch: Any = None, max_token_length: Optional[int] = None) -> tuple[torch.Tensor, Optional[dict]]:
     """UNet conditioning for ``captions``: hidden states, plus SDXL's pooled text embedding and size ids."""
-    n = len(captions)
+    hidden, pooled = encode_tokens(models, tokenize_captions(models, captions, device, max_token_length), clip_skip)
+    if pooled is None:
+        return hidden, None
+    return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, len(captions), models, device)}
+
+
+def tokenize_captions(models: SDModels, captions: list[str], device: torch.device,
+                      max_token_length: Optional[int] = None) -> list[torch.Tensor]:
+    """Token ids of ``captions`` for each text encoder, each (B, n, 77): n chunks of 75 tokens."""
+    return [_tokenize(tokenizer, captions, device, max_token_length) for tokenizer in models.tokenizers]
+
+
+def encode_tokens(models: SDModels, ids: list[torch.Tensor],
+                  clip_skip: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The text encoders' hidden states (B, 2 + 75n, D) for :func:`tokenize_captions`' ids, and SDXL's
+    pooled embedding (None for SD 1.x/2.x). No Python work depends on the values, so it compiles whole."""
+    n = ids[0].shape[0]
     if not models.is_sdxl:
-        te = models.text_encoders[0]
-        ids = _tokenize(models.tokenizers[0], captions, device, max_token_length).flatten(0, 1)
+        te, flat = models.text_encoders[0], ids[0].flatten(0, 1)
         if not clip_skip or clip_skip <= 1:
-            return _join_chunks(te(ids)[0], n), None
-        hidden = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
+            return _join_chunks(te(flat)[0], n), None
+        hidden = te(flat, output_hidden_states=True).hidden_states[-clip_skip]
         return _join_chunks(te.final_layer_norm(hidden), n), None
     te1, te2 = models.text_encoders
-    ids1 = _tokenize(models.tokenizers[0], captions, device, max_token_length)
-    ids2 = _tokenize(models.tokenizers[1], captions, device, max_token_length)
-    h1 = te1(ids1.flatten(0, 1), output_hidden_states=True).hidden_states[-2]
-    out2 = te2(ids2.flatten(0, 1), output_hidden_states=True)
+    h1 = te1(ids[0].flatten(0, 1), output_hidden_states=True).hidden_states[-2]
+    out2 = te2(ids[1].flatten(0, 1), output_hidden_states=True)
     hidden = torch.cat([_join_chunks(h1, n), _join_chunks(out2.hidden_states[-2], n)], dim=-1)
-    pooled = out2.text_embeds.reshape(n, ids2.shape[1], -1)[:, 0]  # the first chunk's pooled output
-    return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, n, models, device)}
+    pooled = out2.text_embeds.reshape(n, ids[1].shape[1], -1)[:, 0]  # the first chunk's pooled output
+    return hidden, pooled
 
 
 def sdxl_time_ids(batch: Any, n: int, models: SDModels, device: torch.device) -> torch.Tensor:

@@ -101,6 +101,20 @@ class LoraNetwork:
 
         return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
+    def scale_as_tensors(self, device: torch.device) -> None:
+        """Hold each layer's ``alpha / dim`` as a 0-dim tensor on ``device`` instead of a Python float.
+
+        Compiled code bakes a float into its kernels, so every alpha would compile anew; a tensor is an
+        input, and runs that differ only in alpha share their compiled (and cached) kernels.
+        """
+        import torch._dynamo
+
+        for part in self.parts:
+            for layer in self._lora_layers(part.model):
+                scale = torch.tensor(float(layer.scaling[ADAPTER]), device=device)
+                torch._dynamo.mark_static_address(scale)  # fixed address: CUDA graphs read it in place
+                layer.scaling[ADAPTER] = scale
+
     def module_counts(self) -> dict[str, int]:
         """Number of LoRA modules per kohya prefix (kohya logs 72 + 192 for SD 1.5)."""
         return {p.prefix: len(self._lora_layers(p.model)) for p in self.parts}

@@ -18,6 +18,7 @@ its last epoch cut short. Attention runs on PyTorch SDPA (diffusers' default pro
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import torch
 from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
 from training.errors import ConfigError, LoraSearchError
 from training import fast
-from training.models import encode_captions
+from training.models import encode_tokens, sdxl_time_ids, tokenize_captions
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class _Run:
     global_step: int = 0
     started_at: float = field(default_factory=time.time)
     unet_loss: Any = None  # fast.UnetLoss: the (compiled) UNet forward and loss
+    text_encode: Any = None  # fast.Compiled over models.encode_tokens, when captions are not cached
+    compiling: bool = False  # torch.compile was asked for (its graphs are dropped when the run ends)
     captions: Any = None  # fast.CaptionCache when the text encoders are frozen and captions fixed
     offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
 
@@ -137,9 +140,9 @@ def _output_dir(cfg: TrainingConfig) -> Path:
 
 
 def _release(run: _Run) -> None:
-    if run.unet_loss is not None:
-        run.unet_loss.release()
-    run.models = run.network = run.optimizer = run.unet_loss = run.captions = None
+    if run.compiling:
+        fast.release_compiled()
+    run.models = run.network = run.optimizer = run.unet_loss = run.text_encode = run.captions = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -283,30 +286,39 @@ def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
         fast.configure_cuda()
         if not plain:
             run.models.unet.to(memory_format=torch.channels_last)
-    compile_ = fast.should_compile(cfg.torch_compile, run.device)
+    compile_ = run.compiling = fast.should_compile(cfg.torch_compile, run.device)
+    if compile_:
+        run.network.scale_as_tensors(run.device)
     run.unet_loss = fast.UnetLoss(run.models.unet, run.autocast_dtype, run.device, compile_, cfg.dynamo_backend)
     if compile_:
-        log.info("compiling the UNet step with torch.compile (%s%s); each new batch shape takes a while the "
+        log.info("compiling the training step with torch.compile (%s%s); each new batch shape takes a while the "
                  "first time, cached in %s", cfg.dynamo_backend, ", CUDA graphs" if run.unet_loss.cuda_graphs else "",
                  fast.compile_cache_dir())
     # Moved once here, so add_noise / get_velocity / compute_snr never copy it to the GPU in a step.
     run.noise_scheduler.alphas_cumprod = run.noise_scheduler.alphas_cumprod.to(run.device)
-    if plain or _trains_text_encoder(run):
-        return
-    if captions is None and run.dataset is not None:
-        captions = run.dataset.caption_set()
-    if captions is not None:
-        run.captions = fast.CaptionCache(run.models, captions, run.device, cfg.clip_skip, cfg.max_token_length,
-                                         run.autocast_dtype)
-        log.info("text embeddings of %d captions cached; the text encoder%s wait on the CPU", len(run.captions),
-                 "s" if len(run.models.text_encoders) > 1 else "")
-        run.offloaded += run.models.text_encoders
-    if run.latents is not None:
+    _setup_conditioning(run, captions, plain)
+    if run.latents is not None and not plain:
         run.offloaded.append(run.models.vae)
     if cuda and run.offloaded:
         for module in run.offloaded:
             module.to("cpu")
         torch.cuda.empty_cache()
+
+
+def _setup_conditioning(run: _Run, captions: Optional[set[str]], plain: bool) -> None:
+    """Cache every caption's embedding (frozen text encoders, fixed captions), else encode in each step."""
+    cfg, frozen = run.cfg, not _trains_text_encoder(run)
+    if not plain and frozen and captions is None and run.dataset is not None:
+        captions = run.dataset.caption_set()
+    if plain or not frozen or captions is None:
+        encode = functools.partial(encode_tokens, run.models, clip_skip=cfg.clip_skip)
+        run.text_encode = fast.Compiled(encode, "text encoder", run.device, run.compiling, cfg.dynamo_backend)
+        return
+    run.captions = fast.CaptionCache(run.models, captions, run.device, cfg.clip_skip, cfg.max_token_length,
+                                     run.autocast_dtype)
+    log.info("text embeddings of %d captions cached; the text encoder%s wait on the CPU", len(run.captions),
+             "s" if len(run.models.text_encoders) > 1 else "")
+    run.offloaded += run.models.text_encoders
 
 
 def default_cache_dir() -> Path:
@@ -550,6 +562,7 @@ def _autocast(run: _Run) -> Any:
 
 def _micro_step(run: _Run, batch: Any, accum: int) -> torch.Tensor:
     """Forward and backward of one batch (its gradients added to the LoRA's); returns its loss."""
+    fast.begin_step([run.text_encode, run.unet_loss])
     loss = _loss(run, batch)
     _backward(run, loss / accum)
     return loss
@@ -582,9 +595,13 @@ def _conditioning(run: _Run, batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
     """The batch's text conditioning: from the caption cache, else from the text encoder(s)."""
     if run.captions is not None:
         return run.captions.lookup(batch.captions, batch)
-    cfg = run.cfg
+    cfg, models = run.cfg, run.models
+    ids = tokenize_captions(models, batch.captions, run.device, cfg.max_token_length)
     with _autocast(run), torch.set_grad_enabled(_trains_text_encoder(run)):  # frozen: no activation memory
-        return encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch, cfg.max_token_length)
+        hidden, pooled = run.text_encode(ids)
+    if pooled is None:
+        return hidden, None
+    return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, len(batch.captions), models, run.device)}
 
 
 def apply_noise_offset(noise: torch.Tensor, offset: float) -> torch.Tensor:
