@@ -122,26 +122,38 @@ def test_a_new_process_reuses_the_compiled_kernels(make_config, tmp_path, monkey
         load_file(str(tmp_path / "first" / "lora.safetensors")).keys()
 
 
-def test_compiled_text_encoder_run_with_adamw8bit_matches_plain_and_resumes(make_config, tmp_path, monkeypatch,
-                                                                            compile_cache, caplog):
+def test_compiled_text_encoder_run_with_adamw8bit_trains_like_the_plain_run(make_config, tmp_path, monkeypatch,
+                                                                           compile_cache, caplog):
     """The search's usual set-up: text-encoder LoRA trained (so it runs, compiled, in every step), AdamW8bit."""
-    from training import train
-
-    class Stop(Exception):
-        pass
-
     caplog.set_level(logging.INFO, logger="training")
 
     def config(out):
         return _unet_only(make_config, tmp_path, out, network_train_unet_only=False, text_encoder_lr=5e-4,
-                          optimizer_type="AdamW8bit", torch_compile=True, max_train_epochs=3, save_state=True)
+                          optimizer_type="AdamW8bit", torch_compile=True, max_train_epochs=3)
 
-    _, plain_losses = _train(config("plain"), True, monkeypatch)
-    straight, straight_losses = _train(config("straight"), False, monkeypatch)
+    plain, plain_losses = _train(config("plain"), True, monkeypatch)
+    fast, fast_losses = _train(config("fast"), False, monkeypatch)
     assert "text encoder compiled for input" in caplog.text and "UNet step compiled" in caplog.text
     assert "failed" not in caplog.text
-    torch.testing.assert_close(torch.tensor(straight_losses), torch.tensor(plain_losses), rtol=LOSS_RTOL, atol=0)
+    assert len(fast_losses) == 6
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=LOSS_RTOL, atol=0)
+    _assert_close_weights(fast.checkpoint, plain.checkpoint, WEIGHT_ATOL)
 
+
+def test_compiled_run_with_network_dropout_resumes_exactly(make_config, tmp_path, monkeypatch, compile_cache,
+                                                           caplog):
+    """Dropout draws its numbers inside the compiled code; a resumed run still repeats them (the RNG state is saved)."""
+    from training import train
+
+    caplog.set_level(logging.INFO, logger="training")
+    class Stop(Exception):
+        pass
+
+    def config(out):
+        return _unet_only(make_config, tmp_path, out, network_dropout=0.1, torch_compile=True, max_train_epochs=3,
+                          save_state=True)
+
+    straight, straight_losses = _train(config("straight"), False, monkeypatch)
     cfg = config("resumed")
 
     def stop_after_first(event):
@@ -152,6 +164,7 @@ def test_compiled_text_encoder_run_with_adamw8bit_matches_plain_and_resumes(make
     with pytest.raises(Stop):
         train(cfg, on_epoch_end=stop_after_first)
     resumed, losses = _train(cfg, False, monkeypatch, resume=True)
+    assert "UNet step compiled" in caplog.text and "failed" not in caplog.text
     assert losses == straight_losses[2:]  # epochs 2 and 3, step for step
     _assert_close_weights(resumed.checkpoint, straight.checkpoint, 0)
 
@@ -265,3 +278,33 @@ def test_a_step_reads_nothing_back_from_the_device(make_config, tmp_path, monkey
     result = trainer.train(cfg)
     assert result.steps == 4
     assert reads == ["tolist", "tolist"]  # each epoch's losses, read once for its log line
+
+
+def test_gradients_accumulated_in_own_buffers_train_the_same(make_config, tmp_path, monkeypatch):
+    """Under CUDA graphs with gradient accumulation the trainer keeps .grad in buffers of its own (a graph's
+    output memory is reused by its next replay); that mode must train exactly as the usual one."""
+    from training import trainer
+
+    def config(out):
+        return _unet_only(make_config, tmp_path, out, gradient_accumulation_steps=2, train_batch_size=1)
+
+    usual = trainer.train(config("usual"))
+    setup, step = trainer._setup_fast, trainer._optimizer_step
+    first_grads = []
+
+    def with_buffers(run, *args, **kwargs):
+        setup(run, *args, **kwargs)
+        run.grad_buffers = True
+
+    def recording(run, params):
+        if not first_grads:
+            first_grads.extend(p.grad for p in params)  # held here, so no later tensor can take their place
+        assert all(p.grad is g for p, g in zip(params, first_grads))
+        step(run, params)
+
+    monkeypatch.setattr(trainer, "_setup_fast", with_buffers)
+    monkeypatch.setattr(trainer, "_optimizer_step", recording)
+    buffered = trainer.train(config("buffered"))
+    assert buffered.steps == usual.steps == 4
+    assert len(first_grads) > 0  # the same gradient tensors at every step (checked in recording)
+    _assert_close_weights(buffered.checkpoint, usual.checkpoint, 0)

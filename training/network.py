@@ -88,6 +88,10 @@ class LoraNetwork:
         inject_adapter_in_model(config, part.model, adapter_name=ADAPTER)
         for name, param in part.model.named_parameters():
             param.requires_grad_(part.trained and "lora_" in name)
+        for module in self._lora_layers(part.model):
+            # Autocast (or equal dtypes without it) already matches the input to the LoRA weights; peft's own
+            # cast would copy every input to float32 and back, an extra pass over each activation.
+            module.cast_input_dtype_enabled = False
         if self.dropout > 0:
             for module in self._lora_layers(part.model):
                 module.lora_A[ADAPTER].register_forward_hook(self._dropout_hook)

@@ -93,6 +93,7 @@ class _Run:
     unet_loss: Any = None  # fast.UnetLoss: the (compiled) UNet forward and loss
     text_encode: Any = None  # fast.Compiled over models.encode_tokens, when captions are not cached
     compiling: bool = False  # torch.compile was asked for (its graphs are dropped when the run ends)
+    grad_buffers: bool = False  # gradients accumulate in buffers of their own (zeroed, never freed)
     captions: Any = None  # fast.CaptionCache when the text encoders are frozen and captions fixed
     offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
 
@@ -297,6 +298,10 @@ def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
     # Moved once here, so add_noise / get_velocity / compute_snr never copy it to the GPU in a step.
     run.noise_scheduler.alphas_cumprod = run.noise_scheduler.alphas_cumprod.to(run.device)
     _setup_conditioning(run, captions, plain)
+    # A backward pass replayed as a CUDA graph hands out gradients in memory the next replay reuses. With
+    # one batch per step the optimizer is done with them by then; accumulated over several, they must
+    # be added into buffers of their own (autograd adds in place into an existing .grad).
+    run.grad_buffers = cfg.gradient_accumulation_steps > 1 and run.unet_loss.cuda_graphs
     if run.latents is not None and not plain:
         run.offloaded.append(run.models.vae)
     if cuda and run.offloaded:
@@ -437,6 +442,10 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
     accum = cfg.gradient_accumulation_steps
     batches = run.dataset.epoch_batches(cfg.train_batch_size, run.seed, epoch)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    if run.grad_buffers:
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
     bar = _progress(run, epoch)
     losses, started, steps_before = fast.LossLog(), time.perf_counter(), run.global_step
 
@@ -548,7 +557,7 @@ def _optimizer_step(run: _Run, params: list) -> None:
     else:
         run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=not run.grad_buffers)
     run.global_step += 1
 
 
