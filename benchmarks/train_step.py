@@ -340,6 +340,8 @@ def _free(device: torch.device) -> None:
 
 def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> list[Result]:
     """Every variant of ``arch`` at every batch size: the reference first, each model freed after its runs."""
+    from training import fast
+
     kind, results = ARCHS[arch], []
     if "reference" in args.variants:
         unet, optimizer = reference_model(kind, args.smoke, device)
@@ -356,7 +358,8 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> lis
                 result = measure(arch, variant, batch, make_step, args, device)
                 result.compiled = run.unet_loss.compiled
                 results.append(result)
-            run.unet_loss.release()
+            if run.compiling:
+                fast.release_compiled()
             del run, make_step
         _free(device)
     return results
