@@ -4,9 +4,9 @@ A plain (eager) PyTorch step spends most of its time on a GPU waiting for thousa
 launches, and every host-device synchronisation stalls the queue. So:
 
 * :class:`UnetLoss` runs the UNet forward and the loss (and :class:`Compiled` the text encoders when
-  they run in the step) through ``torch.compile`` (config
-  ``torch_compile``: unset means on with CUDA, off on the CPU) with the ``dynamo_backend``; on CUDA the
-  inductor backend runs in ``reduce-overhead`` mode, which replays the step as CUDA graphs. Every batch
+  they run in the step) through ``torch.compile`` (config ``torch_compile``: unset means on with CUDA,
+  off on the CPU) with the ``dynamo_backend``; on CUDA the inductor backend runs in ``reduce-overhead``
+  mode, which replays the step as CUDA graphs. Every batch
   shape (bucket, short last batch) compiles once per run; the generated code is cached on disk
   (:func:`compile_cache_dir`), so a later run with the same model, rank and shapes skips code
   generation. Compilation errors surface on the first call of a shape; then the run logs one warning and
