@@ -15,6 +15,9 @@ achieved TFLOP/s and MFU, and peak GPU memory.
   compiles, or loads the compiled kernels from the cache) is timed apart as ``first_step_s``.
 * ``trainer-eager`` (only with ``--variants``): the same with ``LORA_SEARCH_EAGER=1``, the trainer's
   plain step.
+* ``trainer-te`` (only with ``--variants``): the search's usual set-up, with the text-encoder LoRA trained
+  too, so the captions are tokenized and encoded (compiled) in every step; its TE work counts as overhead
+  in TFLOP/s and MFU.
 
 On CUDA each variant's step also runs once under ``torch.cuda.set_sync_debug_mode``, and the number of
 host-device synchronisations it made is reported (``syncs``).
@@ -54,7 +57,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0}
 CAPTION = "a photo of a sks dog sitting on a wooden bench in a sunny park, detailed, high quality"
 
 Step = Callable[[], None]
-VARIANTS = ("reference", "trainer", "trainer-eager")
+VARIANTS = ("reference", "trainer", "trainer-eager", "trainer-te")
 
 
 @dataclass
@@ -198,10 +201,12 @@ def reference_step(unet: Any, optimizer: torch.optim.Optimizer, batch: int, devi
     return step
 
 
-def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path, eager: bool = False) -> Any:
+def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path, eager: bool = False,
+                train_text_encoder: bool = False) -> Any:
     """A ``training.trainer._Run`` set up as ``_setup`` does, on in-memory models and without a dataset.
 
     ``eager``: set up with ``LORA_SEARCH_EAGER=1`` (no compile, no caption cache, nothing offloaded).
+    ``train_text_encoder``: LoRA on the text encoder(s) too (same rank and learning rate).
     """
     import os
 
@@ -209,7 +214,8 @@ def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path, eage
     from training.config import TrainingConfig
 
     cfg = TrainingConfig(
-        network_dim=RANK, network_alpha=ALPHA, network_train_unet_only=True, learning_rate=LEARNING_RATE,
+        network_dim=RANK, network_alpha=ALPHA, network_train_unet_only=not train_text_encoder,
+        learning_rate=LEARNING_RATE,
         mixed_precision="bf16" if device.type == "cuda" else "no", cache_latents=True,
         max_train_steps=10**6, output_dir=str(folder / "run"), seed=0,
     )
@@ -352,7 +358,8 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> lis
         _free(device)
     for variant in [v for v in args.variants if v != "reference"]:
         with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as folder:
-            run = trainer_run(kind, args.smoke, device, Path(folder), eager=variant == "trainer-eager")
+            run = trainer_run(kind, args.smoke, device, Path(folder), eager=variant == "trainer-eager",
+                              train_text_encoder=variant == "trainer-te")
             make_step = partial(trainer_step, run, smoke=args.smoke)
             for batch in args.batches:
                 result = measure(arch, variant, batch, make_step, args, device)
@@ -452,7 +459,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per variant and batch (default 20; smoke 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5; smoke 1)")
     parser.add_argument("--variants", default="reference,trainer",
-                        help="comma-separated, from reference, trainer, trainer-eager (default reference,trainer)")
+                        help="comma-separated, from " + ", ".join(VARIANTS) + " (default reference,trainer)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny two-block models: a quick end-to-end check")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU on unlisted devices")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/train_step-<device>.json)")

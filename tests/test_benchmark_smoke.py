@@ -67,3 +67,17 @@ def test_bad_batches_is_a_usage_error(bench, capsys: pytest.CaptureFixture) -> N
         bench.parse_args(["--smoke", "--batches", "1,x"])
     assert exc.value.code == 2
     assert "--batches '1,x'" in capsys.readouterr().err
+
+
+def test_optional_trainer_variants_run(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The trainer's plain step and the text-encoder-trained set-up run too, and bad names are refused."""
+    out = tmp_path / "variants.json"
+    args = ["--smoke", "--arch", "sd15", "--batches", "1", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    assert bench.main(args + ["--variants", "reference,trainer-eager,trainer-te"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["reference", "trainer-eager", "trainer-te"]
+    assert all(r["ms_per_step"] > 0 and r["error"] is None for r in results)
+    assert results[2]["speedup"] is not None  # measured against the same run's reference
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--variants", "trainer,fastest"])
+    assert "--variants fastest" in capsys.readouterr().err
