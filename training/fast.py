@@ -71,6 +71,11 @@ def configure_cuda() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
+    """Mixed precision in ``dtype`` on ``device``'s type; a no-op context when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory without blocking the host."""
     if device.type != "cuda" or tensor.device.type != "cpu":
@@ -168,9 +173,7 @@ class UnetLoss(Compiled):
     def eager(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, added: Optional[dict],
               target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
         """The step's forward and loss, run as plain PyTorch."""
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast(self.device, self.autocast_dtype):
             pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if weights is not None:
@@ -246,9 +249,7 @@ class CaptionCache:
         self.models, self.device = models, device
         self.clip_skip, self.max_token_length = clip_skip, max_token_length
         hidden, pooled = [], []
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(device, autocast_dtype):
             for start in range(0, len(texts), chunk):
                 h, added = encode_captions(models, texts[start:start + chunk], device, clip_skip, None,
                                            max_token_length)

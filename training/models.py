@@ -13,7 +13,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -314,9 +314,15 @@ def _join_chunks(hidden: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def encode_captions(models: SDModels, captions: list[str], device: torch.device, clip_skip: Optional[int] = None,
-                    batch: Any = None, max_token_length: Optional[int] = None) -> tuple[torch.Tensor, Optional[dict]]:
-    """UNet conditioning for ``captions``: hidden states, plus SDXL's pooled text embedding and size ids."""
-    hidden, pooled = encode_tokens(models, tokenize_captions(models, captions, device, max_token_length), clip_skip)
+                    batch: Any = None, max_token_length: Optional[int] = None,
+                    encode: Optional[Callable[[list], tuple]] = None) -> tuple[torch.Tensor, Optional[dict]]:
+    """UNet conditioning for ``captions``: hidden states, plus SDXL's pooled text embedding and size ids.
+
+    ``encode`` stands in for :func:`encode_tokens` with these models and ``clip_skip`` (the trainer passes
+    its compiled version).
+    """
+    ids = tokenize_captions(models, captions, device, max_token_length)
+    hidden, pooled = encode(ids) if encode is not None else encode_tokens(models, ids, clip_skip)
     if pooled is None:
         return hidden, None
     return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, len(captions), models, device)}

@@ -25,6 +25,7 @@ import torch
 from training.atomic import atomic_write_text, atomic_write_with
 from training.config import TrainingConfig
 from training.errors import ConfigError, LoraSearchError
+from training.fast import autocast
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.de
     pipe.set_progress_bar_config(disable=True)
     paths = []
     try:
-        with preserved_rng(), torch.no_grad(), _autocast(device, autocast_dtype):
+        with preserved_rng(), torch.no_grad(), autocast(device, autocast_dtype):
             for prompt in prompts:
                 pipe.scheduler = make_scheduler(getattr(prompt, "sampler", None) or cfg.sample_sampler,
                                                 models.scheduler_config)
@@ -147,12 +148,6 @@ def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.de
     log.info("%s: %d sample images in %s", f"epoch {epoch}" if step is None else f"step {step}", len(paths),
              sample_dir(cfg))
     return paths
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, path: Path, device: torch.device,

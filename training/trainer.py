@@ -35,7 +35,7 @@ import torch
 from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
 from training.errors import ConfigError, LoraSearchError
 from training import fast
-from training.models import encode_tokens, sdxl_time_ids, tokenize_captions
+from training.models import encode_captions, encode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -561,14 +561,6 @@ def _optimizer_step(run: _Run, params: list) -> None:
     run.global_step += 1
 
 
-def _autocast(run: _Run) -> Any:
-    import contextlib
-
-    if run.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
-
-
 def _micro_step(run: _Run, batch: Any, accum: int) -> torch.Tensor:
     """Forward and backward of one batch (its gradients added to the LoRA's); returns its loss."""
     fast.begin_step([run.text_encode, run.unet_loss])
@@ -604,13 +596,11 @@ def _conditioning(run: _Run, batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
     """The batch's text conditioning: from the caption cache, else from the text encoder(s)."""
     if run.captions is not None:
         return run.captions.lookup(batch.captions, batch)
-    cfg, models = run.cfg, run.models
-    ids = tokenize_captions(models, batch.captions, run.device, cfg.max_token_length)
-    with _autocast(run), torch.set_grad_enabled(_trains_text_encoder(run)):  # frozen: no activation memory
-        hidden, pooled = run.text_encode(ids)
-    if pooled is None:
-        return hidden, None
-    return hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, len(batch.captions), models, run.device)}
+    cfg = run.cfg
+    # A frozen text encoder needs no activation memory.
+    with fast.autocast(run.device, run.autocast_dtype), torch.set_grad_enabled(_trains_text_encoder(run)):
+        return encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch, cfg.max_token_length,
+                               encode=run.text_encode)
 
 
 def apply_noise_offset(noise: torch.Tensor, offset: float) -> torch.Tensor:
