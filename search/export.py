@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.constraints import describe, violations
 from search.errors import StudyError
 from search.trial_config import absolute_paths
-from search.space import apply_params
+from search.space import apply_params, kohya_schedule
 from training.config import config_from_dict, write_config
 
 OUTPUT_KEYS = ("output_dir", "output_name", "logging_dir")
@@ -36,7 +36,8 @@ def pick_trial(study: optuna.Study, number: Optional[int]) -> FrozenTrial:
 
 def export_values(trial: FrozenTrial, base: dict[str, Any]) -> dict[str, Any]:
     """The trial's training values with the base config's output keys."""
-    values = dict(trial.user_attrs.get("config") or absolute_paths(apply_params(base, trial.params)))
+    # a trial recorded before constant-with-warmup was mapped still exports as sd-scripts accepts it
+    values = kohya_schedule(dict(trial.user_attrs.get("config") or absolute_paths(apply_params(base, trial.params))))
     for key in OUTPUT_KEYS:
         values.pop(key, None)
         if key in base:

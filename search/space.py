@@ -2,7 +2,8 @@
 
 Parameter names are the kohya keys they set, so a trial's params read like a config. Two names are
 special: ``network_alpha_ratio`` sets ``network_alpha = int(network_dim * ratio)`` and
-``learning_rate`` also sets ``unet_lr`` (see :func:`apply_params`).
+``learning_rate`` also sets ``unet_lr`` (see :func:`apply_params`). A ``constant`` schedule with warmup
+(which sd-scripts refuses) is written as ``constant_with_warmup``.
 """
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ def _check_values(name: str, dist: Optional[BaseDistribution], fixed: Any, where
         values = [dist.low, dist.high]
     else:
         values = [fixed]
+    # a warmup is judged on a schedule that has one (the default "constant" refuses any warmup)
+    context = {"lr_scheduler": "constant_with_warmup"} if name == "lr_warmup_steps" else {}
     for value in values:
         try:
-            config_from_dict({name: value}, where)
+            config_from_dict({**context, name: value}, where)
         except ConfigError as exc:
             raise ConfigError(f"{where}: [{name}] value {value!r} is not usable: {exc}") from None
 
@@ -150,4 +153,12 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
         values["unet_lr"] = params["learning_rate"]
     if ALPHA_RATIO in params:
         values["network_alpha"] = float(int(round(values["network_dim"] * params[ALPHA_RATIO], 6)))
+    return kohya_schedule(values)
+
+
+def kohya_schedule(values: dict[str, Any]) -> dict[str, Any]:
+    """``constant`` with warmup becomes ``constant_with_warmup``: sd-scripts refuses the former, and the
+    warmup was sampled (or set) on purpose, so it is kept rather than dropped."""
+    if values.get("lr_scheduler") == "constant" and values.get("lr_warmup_steps", 0) > 0:
+        return {**values, "lr_scheduler": "constant_with_warmup"}
     return values

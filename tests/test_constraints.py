@@ -11,7 +11,7 @@ from search.trial_config import load_base_values
 from study_fixtures import REPO
 from training.config import config_from_dict
 
-SAFE = dict(network_dim=64, network_alpha=32, learning_rate=8e-5, optimizer_type="AdamW8bit",
+SAFE = dict(network_dim=64, network_alpha=32, learning_rate=8e-5, optimizer_type="AdamW8bit", lr_scheduler="cosine",
             max_train_epochs=20, gradient_accumulation_steps=2, lr_warmup_steps=100)
 
 

@@ -177,6 +177,11 @@ def _check_choices(cfg: TrainingConfig) -> None:
     cfg.optimizer_type = canonical
     if cfg.lr_scheduler not in SCHEDULERS:
         raise _bad("lr_scheduler", cfg.lr_scheduler, "use one of " + ", ".join(SCHEDULERS))
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
+        # sd-scripts' get_scheduler_fix raises for this ("CONSTANT does not require num_warmup_steps"),
+        # and diffusers' constant would silently skip the warmup: refuse it rather than train something else.
+        raise _bad("lr_scheduler", "constant", f"with lr_warmup_steps = {cfg.lr_warmup_steps} sd-scripts refuses it; "
+                   'use lr_scheduler = "constant_with_warmup" or lr_warmup_steps = 0')
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise _bad("mixed_precision", cfg.mixed_precision, "use no, fp16 or bf16")
     if cfg.save_precision not in (None, "float", "fp16", "bf16"):
