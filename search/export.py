@@ -9,6 +9,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.baseline import baseline_trial, versus
 from search.constraints import describe, violations
 from search.errors import StudyError
 from search.trial_config import absolute_paths
@@ -59,6 +60,19 @@ def export_trial(study: optuna.Study, base: dict[str, Any], out: Path, number: O
         f"# Score {score}, best epoch {attrs.get('best_epoch', '?')} of {values.get('max_train_epochs', '?')};"
         f" checkpoint {attrs.get('best_checkpoint', 'none')}.",
         f"# Sampled params: {dict(sorted(trial.params.items()))}",
-    ])
+    ] + _baseline_lines(study, trial, picked_best=number is None))
     write_config(out, values, header)
     return trial
+
+
+def _baseline_lines(study: optuna.Study, trial: FrozenTrial, picked_best: bool) -> list[str]:
+    """How the exported trial compares with the study's baseline (the user's proven config)."""
+    if trial.user_attrs.get("baseline"):
+        verdict = "; no searched trial beat it." if picked_best else "."
+        return [f"# This is the baseline trial: your proven config {trial.user_attrs.get('baseline_config')}{verdict}"]
+    baseline = baseline_trial(study.get_trials(deepcopy=False))
+    relative = versus(trial.value, baseline)
+    if not relative:
+        return []
+    return [f"# {relative} (trial {baseline.number}, {baseline.user_attrs.get('baseline_config')}, "
+            f"score {baseline.value:.4f})."]

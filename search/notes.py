@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optuna
 
+from search.baseline import baseline_trial, versus
+
 
 def rejection_note(reasons: list[str]) -> str:
     lines = ["**Rejected before training** (no budget used, no GPU time spent):", ""]
@@ -14,6 +16,12 @@ def outcome_note(trial: optuna.Trial, outcome: str) -> str:
     """A Markdown summary of a trained trial: outcome, best epoch, checkpoint, per-epoch scores."""
     attrs = trial.user_attrs
     lines = [f"**{outcome}**"]
+    if attrs.get("baseline"):
+        lines.append(f"baseline: your proven config `{attrs.get('baseline_config')}`, the yardstick for every other trial")
+    elif "best_score" in attrs:
+        relative = versus(attrs["best_score"], baseline_trial(trial.study.get_trials(deepcopy=False)))
+        if relative:
+            lines.append(f"**{relative}**")
     reason = attrs.get("fail_reason") or attrs.get("prune_reason")
     if reason and outcome != "complete":
         lines.append(f"reason: {reason}")

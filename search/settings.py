@@ -15,7 +15,8 @@ from typing import Any, Optional
 from training.config import read_toml
 from training.errors import ConfigError
 
-PRUNERS = ("median", "none", "hyperband", "successive_halving")
+PRUNERS = ("none", "schedule_median", "median", "hyperband", "successive_halving")
+SAMPLERS = ("tpe", "random", "gp")
 BACKENDS = ("builtin", "kohya")
 SCORERS = ("clip", "command")
 
@@ -36,11 +37,13 @@ class StudySection:
     grace_period: int = 300  # a RUNNING trial silent this long is stale
     max_retry: int = 3  # times a trial whose worker died is re-queued to continue its run
     gpu_memory_gb: float = 16.0  # trials whose VRAM estimate exceeds this are rejected before training
+    baseline_config: str = ""  # the user's proven training config, trained as the first trial; empty: none
 
 
 @dataclass
 class SamplerSection:
-    n_startup_trials: int = 5
+    type: str = "tpe"  # tpe | random | gp (see benchmarks/search_efficiency.py for how they compare)
+    n_startup_trials: int = 5  # tpe, gp: random trials before the model is used
     multivariate: bool = True
     group: bool = True
     constant_liar: bool = True
@@ -51,6 +54,7 @@ class PrunerSection:
     type: str = "median"
     n_startup_trials: int = 3  # median: trials finished before pruning starts
     n_warmup_steps: int = 4  # median: epochs before a trial can be pruned
+    min_fraction: float = 0.5  # schedule_median: share of its own epochs a trial runs before it can be pruned
     interval_steps: int = 1
     min_resource: int = 2  # hyperband / successive_halving, in epochs
     reduction_factor: int = 3
@@ -84,6 +88,9 @@ class StudySettings:
     def __post_init__(self) -> None:
         checks = [
             (self.pruner.type in PRUNERS, "pruner.type", self.pruner.type, ", ".join(PRUNERS)),
+            (self.sampler.type in SAMPLERS, "sampler.type", self.sampler.type, ", ".join(SAMPLERS)),
+            (0 <= self.pruner.min_fraction <= 1, "pruner.min_fraction", self.pruner.min_fraction,
+             "a fraction of the schedule within [0, 1]"),
             (self.backend.type in BACKENDS, "backend.type", self.backend.type, ", ".join(BACKENDS)),
             (self.scorer.type in SCORERS, "scorer.type", self.scorer.type, ", ".join(SCORERS)),
             (self.study.direction in ("maximize", "minimize"), "study.direction", self.study.direction,

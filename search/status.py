@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 import optuna
 from optuna.trial import FrozenTrial
 
+from search.baseline import baseline_trial, versus
 from search.worker import trained_count
 
 COLUMNS = ("trial", "state", "dim", "alpha", "lr", "epochs", "optimizer", "accum", "warmup", "vram_gib", "score",
@@ -44,6 +45,13 @@ def _duration(seconds: float) -> str:
 
 
 def _note(trial: FrozenTrial) -> str:
+    text = _outcome(trial)
+    if trial.user_attrs.get("baseline"):
+        return f"baseline ({trial.user_attrs.get('baseline_config', 'your proven config')})" + (f"; {text}" if text else "")
+    return text
+
+
+def _outcome(trial: FrozenTrial) -> str:
     attrs = trial.user_attrs
     if trial.state.name == "RUNNING":
         return _progress(trial)
@@ -59,16 +67,21 @@ def _note(trial: FrozenTrial) -> str:
     return ""
 
 
-def trial_row(trial: FrozenTrial) -> list[str]:
+def trial_row(trial: FrozenTrial, baseline: Optional[FrozenTrial] = None) -> list[str]:
+    """One line of the table; with a baseline, its score relative to the baseline's after the score."""
     config = trial.user_attrs.get("config", {})
     p = {**config, **trial.params}
     alpha = config.get("network_alpha")
-    return [_fmt(x) for x in (
+    cells = [_fmt(x) for x in (
         trial.number, trial.state.name, p.get("network_dim"), int(alpha) if alpha is not None else None,
         p.get("learning_rate"), p.get("max_train_epochs"), p.get("optimizer_type"),
         p.get("gradient_accumulation_steps"), p.get("lr_warmup_steps"), trial.user_attrs.get("vram_estimate_gib"),
         trial.value,
         trial.user_attrs.get("best_epoch"))] + [_note(trial)]
+    if baseline is not None:
+        relative = "baseline" if trial.number == baseline.number else versus(trial.value, baseline).split(" ")[0]
+        cells.insert(COLUMNS.index("score") + 1, relative or "-")
+    return cells
 
 
 def format_table(rows: list[list[str]], header: tuple[str, ...]) -> str:
@@ -89,7 +102,10 @@ def status_text(study: optuna.Study, n_trials: int) -> str:
     trials = study.get_trials(deepcopy=False)
     out = [f"study '{study.study_name}': {trained_count(study)} of {n_trials} trials trained, "
            f"{len(trials)} sampled"]
-    out.append(format_table([trial_row(t) for t in trials], COLUMNS))
+    baseline = baseline_trial(trials)
+    header = COLUMNS if baseline is None else (
+        COLUMNS[:COLUMNS.index("score") + 1] + ("vs_baseline",) + COLUMNS[COLUMNS.index("score") + 1:])
+    out.append(format_table([trial_row(t, baseline) for t in trials], header))
     counts = constraint_counts(trials)
     rejected = sum(1 for t in trials if t.user_attrs.get("prune_reason") == "constraint")
     summary = ", ".join(f"#{cid}: {counts[cid]}" for cid in sorted(counts)) or "none"
@@ -98,9 +114,14 @@ def status_text(study: optuna.Study, n_trials: int) -> str:
     if over_vram:
         out.append(f"VRAM rejections (estimate over gpu_memory_gb): {over_vram} trial(s)")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if baseline is not None:
+        out.append(f"baseline: trial {baseline.number} ({baseline.user_attrs.get('baseline_config')}) "
+                   f"{baseline.state.name.lower()}, score {_fmt(baseline.value)}")
     if complete:
         best = study.best_trial
-        out.append(f"best: trial {best.number} score {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}")
+        relative = versus(best.value, baseline) if baseline is not None and best.number != baseline.number else ""
+        out.append(f"best: trial {best.number} score {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}"
+                   + (f" ({relative})" if relative else ""))
     return "\n".join(out)
 
 

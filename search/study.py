@@ -1,4 +1,4 @@
-"""Study set-up: storage from a URL, the TPE sampler, the quality pruner, create or load.
+"""Study set-up: storage from a URL, the sampler, the quality pruner, create or load.
 
 Storage URLs:
 
@@ -113,21 +113,34 @@ def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int,
 
 
 def make_sampler(settings: StudySettings, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """TPE as study.toml says; ``seed_offset`` separates the random streams of parallel workers."""
+    """The sampler study.toml names; ``seed_offset`` separates the random streams of parallel workers."""
     s = settings.sampler
+    seed = settings.study.seed + seed_offset
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.type == "gp":
+        # GP ignores trials without a value; rejected trials still cost no budget, only a resample
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                         warn_independent_sampling=False)
     return optuna.samplers.TPESampler(
         n_startup_trials=s.n_startup_trials,
         multivariate=s.multivariate,
         group=s.group,
         constant_liar=s.constant_liar,
-        seed=settings.study.seed + seed_offset,
+        seed=seed,
     )
 
 
 def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
+    """The quality pruner study.toml names (``median`` compares raw epoch numbers; ``schedule_median``
+    compares equal fractions of each trial's own schedule, see search.pruners)."""
     p = settings.pruner
     if p.type == "none":
         return optuna.pruners.NopPruner()
+    if p.type == "schedule_median":
+        from search.pruners import ScheduleMedianPruner
+
+        return ScheduleMedianPruner(n_startup_trials=p.n_startup_trials, min_fraction=p.min_fraction)
     if p.type == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
     if p.type == "successive_halving":

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.backends import make_backend
 from search.backends.base import TrainerBackend
+from search.baseline import queue_baseline
 from search.constraints import describe, violations
 from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.notes import outcome_note, rejection_note, save_trial_note
@@ -200,7 +201,8 @@ class Worker:
     """Runs trials of one study; ``run()`` returns when the budget is met."""
 
     def __init__(self, settings: StudySettings, backend: Optional[TrainerBackend] = None,
-                 scorer: Optional[CheckpointScorer] = None):
+                 scorer: Optional[CheckpointScorer] = None, study: Optional[optuna.Study] = None):
+        """``study`` replaces the one ``settings`` names (benchmarks run many in memory)."""
         self.settings = settings
         self.space: SearchSpace = load_search_space(settings.study.search_space)
         self.base: dict[str, Any] = load_base_values(settings.study.base_config, settings.study.preset)
@@ -208,7 +210,9 @@ class Worker:
             raise ConfigError(f"{settings.study.base_config} has no sample_prompts; the CLIP scorer scores sample "
                               "images: set sample_prompts (e.g. prompts/character.txt) and sample_every_n_epochs")
         # each worker process gets its own sampler seed, so parallel workers do not draw the same trials
-        self.study = open_study(settings, seed_offset=os.getpid())
+        self.study = study or open_study(settings, seed_offset=os.getpid())
+        if settings.study.baseline_config:
+            queue_baseline(self.study, settings, self.space, self.base)
         self.backend = backend or make_backend(settings)
         self.scorer = scorer or make_scorer(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -265,7 +269,10 @@ class Worker:
             return self._continue(trial, retry_of)
         params = self.space.suggest(trial)
         run_dir = self.study_dir / f"trial_{trial.number:04d}"
-        values = trial_values(self.base, params, run_dir)
+        base = self.base
+        if trial.user_attrs.get("baseline"):  # the proven config's own keys hold for its trial
+            base = {**self.base, **trial.user_attrs.get("baseline_values", {})}
+        values = trial_values(base, params, run_dir)
         cfg = config_from_dict(values, f"trial {trial.number}")
         fired = violations(cfg)
         if fired:

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     add_socket_option(parser)
     parser.add_argument("--foreground", action="store_true",
                         help="run one worker in this terminal instead of a tmux session")
+    parser.add_argument("--baseline", metavar="FILE", default=None,
+                        help="your proven training config, trained first and shown as the yardstick "
+                             "(overrides [study] baseline_config)")
     parser.add_argument("--monitor-seconds", type=int, default=MONITOR_SECONDS, metavar="S",
                         help=f"how often the monitor window refreshes the status (default: {MONITOR_SECONDS})")
     parser.set_defaults(func=run)
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from search.tmux import parse_gpus
 
     settings = settings_from_args(args)
+    if args.baseline:
+        settings.study.baseline_config = args.baseline
     gpus = parse_gpus(args.gpus) if args.gpus is not None else [0]
     if args.foreground:
         return _foreground(settings, gpus if args.gpus is not None else None)
@@ -76,7 +81,9 @@ def _start_tmux(settings, gpus: list[int], args: argparse.Namespace) -> int:
         print(f"warning: {len(gpus)} workers will share the SQLite file {url[len('sqlite:///'):]}; SQLite is meant "
               f"for one worker (\"database is locked\"): prefer --storage journal:{settings.study_dir}/journal.log "
               "on one machine or postgresql://... for several", file=sys.stderr)
-    open_study(settings)  # create or continue it here, so a bad storage fails in this terminal
+    study = open_study(settings)  # create or continue it here, so a bad storage or baseline fails in this terminal
+    if settings.study.baseline_config:
+        _queue_baseline(study, settings)
     study_args = study_cli_args(settings, config_path(args), args.n_trials)
     start_session(settings, gpus, study_args, socket_name=socket, monitor_seconds=args.monitor_seconds)
     flags = f" --study {settings.study.name}" + (f" --socket-name {socket}" if args.socket_name else "")
@@ -85,3 +92,14 @@ def _start_tmux(settings, gpus: list[int], args: argparse.Namespace) -> int:
           f"(socket {socket}) runs {workers} and '{MONITOR_WINDOW}' (status every {args.monitor_seconds} s)")
     print(f"  watch it:  lora-search attach{flags}\n  stop it:   lora-search stop{flags}")
     return 0
+
+
+def _queue_baseline(study, settings) -> None:
+    from search.baseline import queue_baseline
+    from search.space import load_search_space
+    from search.trial_config import load_base_values
+
+    space = load_search_space(settings.study.search_space)
+    base = load_base_values(settings.study.base_config, settings.study.preset)
+    if queue_baseline(study, settings, space, base):
+        print(f"baseline {settings.study.baseline_config} queued as the next trial")
