@@ -51,8 +51,8 @@ class SamplerSection:
 
 @dataclass
 class PrunerSection:
-    type: str = "median"
-    n_startup_trials: int = 3  # median: trials finished before pruning starts
+    type: str = "schedule_median"  # chosen by benchmarks/search_efficiency.py (README, "Search efficiency")
+    n_startup_trials: int = 3  # median, schedule_median: trials finished before pruning starts
     n_warmup_steps: int = 4  # median: epochs before a trial can be pruned
     min_fraction: float = 0.5  # schedule_median: share of its own epochs a trial runs before it can be pruned
     interval_steps: int = 1

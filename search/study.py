@@ -112,6 +112,22 @@ def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int,
     raise AssertionError("unreachable")
 
 
+class GPAfterRejections(optuna.samplers.GPSampler):
+    """Optuna's GPSampler, made to survive the constraints.
+
+    GPSampler learns only from COMPLETE trials, so a point the constraints reject (PRUNED before
+    training) teaches it nothing: it proposes the same point again, for ever (measured: 500 rejections
+    in a row on the default space). The draw after a rejection is therefore random; the GP's next
+    proposal comes after the next trained trial.
+    """
+
+    def sample_relative(self, study, trial, search_space):
+        finished = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state.is_finished()]
+        if finished and finished[-1].user_attrs.get("prune_reason") in ("constraint", "vram"):
+            return {}  # every parameter then comes from the independent (random) sampler
+        return super().sample_relative(study, trial, search_space)
+
+
 def make_sampler(settings: StudySettings, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler study.toml names; ``seed_offset`` separates the random streams of parallel workers."""
     s = settings.sampler
@@ -119,9 +135,7 @@ def make_sampler(settings: StudySettings, seed_offset: int = 0) -> optuna.sample
     if s.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.type == "gp":
-        # GP ignores trials without a value; rejected trials still cost no budget, only a resample
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials,
-                                         warn_independent_sampling=False)
+        return GPAfterRejections(seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False)
     return optuna.samplers.TPESampler(
         n_startup_trials=s.n_startup_trials,
         multivariate=s.multivariate,

@@ -90,3 +90,20 @@ def test_shipped_study_toml_loads():
 
     settings = load_settings(REPO / "configs" / "study.toml")
     assert make_sampler(settings) is not None and make_pruner(settings) is not None
+
+
+def test_gp_draws_at_random_after_a_rejection_instead_of_proposing_the_rejected_point_again():
+    from optuna.distributions import FloatDistribution
+
+    from search.study import GPAfterRejections
+
+    space = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
+    study = optuna.create_study(direction="maximize", sampler=GPAfterRejections(seed=0, n_startup_trials=2))
+    for x in (0.1, 0.5, 0.9):
+        study.add_trial(create_trial(value=x, params={"x": x, "y": 0.5}, distributions=space))
+    trial = study.ask()
+    assert study.sampler.sample_relative(study, study._storage.get_trial(trial._trial_id), space) != {}
+    trial.set_user_attr("prune_reason", "constraint")  # as the worker records a rejection
+    study.tell(trial, state=TrialState.PRUNED)
+    after = study.ask()
+    assert study.sampler.sample_relative(study, study._storage.get_trial(after._trial_id), space) == {}
