@@ -44,7 +44,8 @@ def _ratio_on_grid(dist: BaseDistribution, dim: int, alpha: float) -> Optional[f
 def _in_space(dist: BaseDistribution, value: Any) -> Optional[Any]:
     """``value`` as the distribution holds it, or None when the space cannot produce it."""
     if isinstance(dist, CategoricalDistribution):
-        return next((c for c in dist.choices if c == value and type(c) is not bool), None)
+        # True == 1 in Python: a bool matches only a bool choice
+        return next((c for c in dist.choices if c == value and isinstance(c, bool) == isinstance(value, bool)), None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(dist, IntDistribution) and float(value) != int(value):
