@@ -165,10 +165,11 @@ class SyntheticLoRA(TrainerBackend, CheckpointScorer):
         self.seed = seed
         self.gpu_hours = 0.0
         self.current: Optional[TrainingConfig] = None
+        self.curve: Optional[Curve] = None
 
     def train(self, config_path: Path, cfg: TrainingConfig, on_epoch: EpochCallback, resume: bool = False) -> None:
-        self.current = cfg
-        hours = curve(cfg).epoch_hours
+        self.current, self.curve = cfg, curve(cfg)
+        hours = self.curve.epoch_hours
         every = cfg.save_every_n_epochs or cfg.max_train_epochs
         for epoch in range(1, cfg.max_train_epochs + 1):
             self.gpu_hours += hours
@@ -177,7 +178,7 @@ class SyntheticLoRA(TrainerBackend, CheckpointScorer):
 
     def score(self, run_dir: Path, config_path: Path, epoch: int, checkpoint: Path) -> EpochScore:
         self.gpu_hours += self.SCORE_HOURS
-        true = float(curve(self.current).quality[epoch - 1])
+        true = float(self.curve.quality[epoch - 1])
         return EpochScore(epoch=epoch, total=true + noise(self.current, epoch, self.seed))
 
 
@@ -241,7 +242,9 @@ def settings_for(variant: Variant, seed: int, runs_dir: Path) -> StudySettings:
 
 def run_search(variant: Variant, seed: int) -> Outcome:
     """One search by the real Worker on the synthetic landscape; what it would export, and its cost."""
-    with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as tmp:
+    # trial folders in memory where there is a tmpfs: the worker's atomic writes fsync every file
+    scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="lora-search-bench-", dir=scratch) as tmp:
         settings = settings_for(variant, seed, Path(tmp))
         study = optuna.create_study(direction="maximize", sampler=make_sampler(settings),
                                     pruner=make_pruner(settings))
