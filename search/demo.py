@@ -90,20 +90,21 @@ def write_prompts(path: Path, steps: int = 16, scale: float = 5.0) -> None:
     path.write_text("# the toy world's validation prompts\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
-def toy_base_config(paths: DemoPaths, **training: object) -> dict:
-    """The shipped base config pointed at the toy model and the copied dataset, shrunk to CPU size."""
+def toy_base_config(paths: DemoPaths, **overrides: object) -> dict:
+    """The shipped base config pointed at the toy model and the copied dataset, shrunk to CPU size, with
+    the first guess's values and then ``overrides`` (kohya keys) in the sections base.toml keeps them in."""
     base = toml.loads((REPO_CONFIGS / "base.toml").read_text())
     base["model"]["pretrained_model_name_or_path"] = str(toyworld.MODEL)
     base["dataset"].update(train_data_dir=str(paths.train), resolution=f"{world.SIZE},{world.SIZE}",
                            enable_bucket=False, cache_latents=True, cache_latents_to_disk=True)
     base["training"].update(train_batch_size=1, mixed_precision="no", max_data_loader_n_workers=0)
     base["optimizer"].pop("lr_scheduler_num_cycles", None)
-    for key, value in {**FIRST_GUESS, **training}.items():  # in whichever section base.toml keeps the key
-        section = next((sec for sec in base.values() if key in sec), base["training"])
-        section[key] = value
     base["saving"].update(output_dir=str(paths.root / "train"), output_name="toy", save_every_n_epochs=1,
                           sample_every_n_epochs=1, sample_prompts=str(paths.configs / "prompts.txt"),
                           metadata_trigger_phrase=TRIGGER, sample_sampler="euler")
+    for key, value in {**FIRST_GUESS, **overrides}.items():
+        section = next((sec for sec in base.values() if key in sec), base["training"])
+        section[key] = value
     return base
 
 
