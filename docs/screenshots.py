@@ -55,14 +55,14 @@ def main() -> int:
     if not browser:
         raise SystemExit("chromium not found; apt-get install chromium")
     if not args.config.is_file():
-        subprocess.run([sys.executable, "-m", "search.cli", "demo", "--out", str(args.config.parents[1])], check=True)
+        subprocess.run([sys.executable, "-m", "search", "demo", "--out", str(args.config.parents[1])], check=True)
     from search.settings import load_settings
     from search.study import open_study
 
     study = open_study(load_settings(args.config), create=False)
     rejected = next(t.number for t in study.trials if t.user_attrs.get("prune_reason") == "constraint")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--config", str(args.config),
+    server = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--config", str(args.config),
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     profile = Path(f"/tmp/lora-search-screenshots-{port}")
     try:
