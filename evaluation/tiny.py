@@ -1,7 +1,7 @@
 """A tiny random-weight open_clip model saved as a ``local-dir:`` folder.
 
-Used by the tests (the demo uses the trained toy CLIP in ``toyworld/``): the folder has the layout of a real downloaded model
-(``open_clip_config.json`` plus ``open_clip_model.safetensors``), so it loads through the same code
+Used by the tests (the demo uses the trained toy CLIP in ``toyworld/``): the folder has the layout of a
+real downloaded model (``open_clip_config.json`` plus ``open_clip_model.safetensors``), so it loads through the same code
 as a user's CLIP. Its embeddings are random projections: fine for exercising the pipeline, useless
 for judging images.
 """

@@ -332,7 +332,7 @@ def character_scenes(count: int, seed: int) -> list[world.Scene]:
     """The character in ``count`` scenes, every background and position covered before any repeats."""
     color, shape = world.CHARACTER
     combos = [(b, p) for b in world.BACKGROUNDS for p in world.POSITIONS
-              if not world._clash(color, b)]
+              if not world.clashes(color, b)]
     random.Random(seed).shuffle(combos)
     return [world.Scene(shape, color, b, p) for b, p in combos[:count]]
 

@@ -111,7 +111,8 @@ def calibrate(clip: Any, references: Sequence[Any], style_images: Sequence[Any],
     color, shape = world.CHARACTER
     others = [s for s in (world.random_scene(rng) for _ in range(4 * count)) if (s.color, s.shape) != (color, shape)]
     others = others[:count]
-    mine = [world.Scene(shape, color, s.background, s.position) for s in others if not world._clash(color, s.background)]
+    mine = [world.Scene(shape, color, s.background, s.position) for s in others
+            if not world.clashes(color, s.background)]
     other_images = [world.draw(s, rng) for s in others]
     mine_images = [world.draw(s, rng) for s in mine]
     refs = clip.encode_images(list(references))

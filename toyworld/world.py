@@ -60,7 +60,7 @@ class Scene:
         return ", ".join(parts[t] for t in tags)
 
 
-def _clash(color: str, background: str) -> bool:
+def clashes(color: str, background: str) -> bool:
     """Colour and background too alike to tell apart (a white shape on a white background)."""
     a, b = COLORS[color], BACKGROUNDS[background]
     return sum(abs(x - y) for x, y in zip(a, b)) < 120
@@ -73,7 +73,7 @@ def random_scene(rng: random.Random, held_out: bool = True) -> Scene:
     while True:
         scene = Scene(rng.choice(shapes), rng.choice(colors), rng.choice(list(BACKGROUNDS)),
                       rng.choice(list(POSITIONS)))
-        if not _clash(scene.color, scene.background):
+        if not clashes(scene.color, scene.background):
             return scene
 
 

@@ -1,7 +1,7 @@
 """Tiny random-weight Stable Diffusion models, saved to disk so the real loaders read them.
 
-Used by the tests and the CPU smoke mode of benchmarks/train_step.py; the images such a model makes are noise
-(the demo uses the pretrained toy world in ``toyworld/`` instead).
+Used by the tests and the CPU smoke mode of benchmarks/train_step.py; the images such a model makes are
+noise (the demo uses the pretrained toy world in ``toyworld/`` instead).
 
 Everything here is random-weight and offline: the tokenizer's ``vocab.json``/``merges.txt`` are the 256
 byte-level characters, their ``</w>`` forms and the two special tokens (no merges), which is all a
