@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import optuna
 import toml
@@ -223,13 +223,13 @@ def outcome_lines(study: optuna.Study) -> list[str]:
     if not outcomes:
         return ["no trial finished an epoch, so nothing was learned"]
     learner = max(outcomes, key=lambda o: o.identity_gain)
-    laggard: Optional[TrialOutcome] = min(outcomes, key=lambda o: o.identity_gain)
+    laggard = min(outcomes, key=lambda o: o.identity_gain)
     lines = ["", f"trial {learner.number} (learning_rate {learner.params.get('learning_rate', 0):.1e}) learned the "
              f"character most: identity {learner.components[learner.first]['identity']:.2f} -> "
              f"{learner.components[learner.best]['identity']:.2f} ({learner.identity_gain:+.2f}) from epoch "
              f"{learner.first} to its best epoch {learner.best}",
              f"  {_describe(learner, learner.first)}", f"  {_describe(learner, learner.best)}"]
-    if laggard is not None and laggard.number != learner.number:
+    if laggard.number != learner.number:
         lines.append(f"trial {laggard.number} (learning_rate {laggard.params.get('learning_rate', 0):.1e}) learned "
                      f"least: identity {laggard.components[laggard.first]['identity']:.2f} -> "
                      f"{laggard.components[laggard.best]['identity']:.2f} ({laggard.identity_gain:+.2f})")

@@ -17,13 +17,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from search.space import apply_params, load_search_space
+from helpers import lr_curve
 from search.trial_config import load_base_values
 from study_fixtures import REPO
 from training.config import ConfigError, config_from_dict, kohya_argument_names
-from training.optim import build_scheduler
 
 SD_SCRIPTS_SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                          "constant_with_warmup", "piecewise_constant"}
@@ -53,17 +52,6 @@ def sd_scripts_refusal(values: dict) -> str | None:
     return None
 
 
-def _lr_curve(cfg, steps: int = 400) -> list[float]:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
-    sched = build_scheduler(cfg, opt, steps)
-    out = []
-    for _ in range(steps):
-        out.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return out
-
-
 SCHEDULERS = SPACE.distributions["lr_scheduler"].choices
 OPTIMIZERS = SPACE.distributions["optimizer_type"].choices
 WARMUPS = SPACE.distributions["lr_warmup_steps"].choices
@@ -76,7 +64,7 @@ def test_every_scheduler_and_optimizer_of_the_default_space_is_accepted_and_warm
         values = apply_params(BASE, params)
         assert sd_scripts_refusal(values) is None
         cfg = config_from_dict(values)
-        lrs = _lr_curve(cfg)
+        lrs = lr_curve(cfg, 400)
         # the warmup the constraints count is the warmup the built-in trainer runs
         assert lrs[0] == 0.0 and lrs[warmup // 2] == pytest.approx(cfg.learning_rate / 2, rel=0.05)
         assert max(lrs) == pytest.approx(cfg.learning_rate)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import lr_curve
 from training.errors import ConfigError, LoraSearchError
 
 
@@ -243,26 +244,13 @@ def test_prodigy_without_its_package_names_it(make_config):
         build_optimizer(make_config(optimizer_type="Prodigy"), [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
 
 
-def _lrs(cfg, steps: int) -> list[float]:
-    from training.optim import build_optimizer, build_scheduler
-
-    opt = build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": cfg.learning_rate}])
-    sched = build_scheduler(cfg, opt, steps)
-    out = []
-    for _ in range(steps):
-        out.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return out
-
-
 def test_constant_runs_without_warmup(make_config):
-    assert _lrs(make_config(lr_scheduler="constant", lr_warmup_steps=0, learning_rate=1.0), 20) == [1.0] * 20
+    assert lr_curve(make_config(lr_scheduler="constant", lr_warmup_steps=0, learning_rate=1.0), 20) == [1.0] * 20
 
 
 @pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
 def test_each_scheduler_name_warms_up_then_follows_its_curve(name, make_config):
-    lrs = _lrs(make_config(lr_scheduler=name, lr_warmup_steps=4, learning_rate=1.0), 20)
+    lrs = lr_curve(make_config(lr_scheduler=name, lr_warmup_steps=4, learning_rate=1.0), 20)
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.5) and lrs[4] == pytest.approx(1.0)
     if name == "constant_with_warmup":
         assert lrs[-1] == pytest.approx(1.0)
@@ -271,7 +259,7 @@ def test_each_scheduler_name_warms_up_then_follows_its_curve(name, make_config):
 
 
 def test_cosine_with_restarts_restarts_num_cycles_times(make_config):
-    lrs = _lrs(make_config(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2, learning_rate=1.0), 20)
+    lrs = lr_curve(make_config(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2, learning_rate=1.0), 20)
     assert lrs[0] == pytest.approx(1.0) and lrs[9] < 0.1 and lrs[10] == pytest.approx(1.0) and lrs[19] < 0.1
 
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from helpers import loaded_benchmark
 from training.config import config_from_dict
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_efficiency.py"
 SAFE = {"network_dim": 128, "network_alpha": 64, "network_dropout": 0.1, "learning_rate": 8e-5, "unet_lr": 8e-5,
         "text_encoder_lr": 4.5e-5, "lr_scheduler": "cosine", "max_train_epochs": 20, "min_snr_gamma": 5,
         "optimizer_type": "AdamW", "gradient_accumulation_steps": 2, "lr_warmup_steps": 100, "train_batch_size": 4,
@@ -20,12 +16,7 @@ SAFE = {"network_dim": 128, "network_alpha": 64, "network_dropout": 0.1, "learni
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("search_efficiency_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_benchmark("search_efficiency.py")
 
 
 def best(bench, **changes) -> float:
