@@ -34,15 +34,26 @@ def sample_checkpoint(layout: RunLayout, point: SavePoint, checkpoint: Path) -> 
     return generate_samples(sampling_config(layout), checkpoint, point.epoch + 1, step=point.step)
 
 
+def samples_complete(layout: RunLayout, point: SavePoint) -> bool:
+    """Whether ``point`` has an image for every prompt of the run's prompt file (a run killed while it
+    sampled has only some)."""
+    from training.sampling import load_prompts
+
+    if not layout.config.sample_prompts:
+        return bool(layout.samples(point))
+    wanted = {prompt.index for prompt in load_prompts(sampling_config(layout))}
+    return wanted <= set(layout.samples(point))
+
+
 def generate_missing_samples(layout: RunLayout) -> list[SavePoint]:
-    """Sample every epoch and step checkpoint that has no images, in training order; returns those points.
+    """Sample every epoch and step checkpoint whose images are missing or incomplete, in training order;
+    returns those points.
 
     Nothing is generated when the run's config has no ``sample_prompts``.
     """
     if not layout.config.sample_prompts:
         return []
-    sampled = {p.label for p in layout.sampled_points()}
-    missing = {p: path for p, path in layout.checkpoint_points().items() if p.label not in sampled}
+    missing = {p: path for p, path in layout.checkpoint_points().items() if not samples_complete(layout, p)}
     for point, path in missing.items():
         sample_checkpoint(layout, point, path)
     return list(missing)

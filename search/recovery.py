@@ -22,6 +22,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
+from search.optuna_ext import fail, set_attr, stored_trial
 from search.study import retry_callback
 
 
@@ -44,16 +45,12 @@ def recover_dead_trials(study: optuna.Study, max_retry: int) -> list[int]:
     """Fail trials of dead workers and queue their retries; returns the failed trial numbers."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     fail_stale_trials(study)
-    storage = study._storage
     retry = retry_callback(max_retry)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(trial.user_attrs.get("worker")) is not False:
             continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died; retried")
-        try:
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process got there first
-        retry(study, storage.get_trial(trial._trial_id))
+        set_attr(study, trial, "fail_reason", "worker died; retried")
+        if fail(study, trial):  # (False: another process got there first)
+            retry(study, stored_trial(study, trial))
     after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     return sorted(before - after)

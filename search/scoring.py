@@ -58,8 +58,8 @@ class CommandScorer(CheckpointScorer):
 class ClipScorer(CheckpointScorer):
     """The built-in CLIP-weighted evaluator; one instance keeps CLIP and reference embeddings loaded.
 
-    An epoch saved without samples (a kohya run, or save and sample intervals that differ) is sampled
-    from its checkpoint first, by :func:`evaluation.sample_checkpoint` as ``lora-search evaluate`` does.
+    An epoch saved without samples (a kohya run, or save and sample intervals that differ), or with only
+    some of them (a run killed while it sampled), is sampled from its checkpoint first, by :func:`evaluation.sample_checkpoint` as ``lora-search evaluate`` does.
     Each scored epoch updates the run's ``scores.json``, keeping the entries already there (steps too).
     """
 
@@ -72,10 +72,11 @@ class ClipScorer(CheckpointScorer):
 
     def score(self, run_dir: Path, config_path: Path, epoch: int, checkpoint: Path) -> EpochScore:
         from evaluation import RunLayout, SavePoint, read_scores, sample_checkpoint, write_scores
+        from evaluation.generate import samples_complete
         from training.config import load_training_config
 
         layout = RunLayout(Path(run_dir), load_training_config(config_path))
-        if not layout.epoch_samples(epoch):
+        if not samples_complete(layout, SavePoint(epoch)):
             sample_checkpoint(layout, SavePoint(epoch), checkpoint)
         result = self.evaluator.score_epoch(run_dir, epoch)
         if Path(run_dir) not in self.history:  # a retry keeps the entries its crashed run scored

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from training.config import read_toml
 from training.errors import ConfigError
@@ -79,6 +79,10 @@ class ScorerSection:
 
 @dataclass
 class StudySettings:
+    # True when the command line set the budget (--n-trials); otherwise a budget the study remembers
+    # from ``start --n-trials`` wins over study.toml's (see search.study.open_study).
+    budget_given: ClassVar[bool] = False
+
     study: StudySection = field(default_factory=StudySection)
     sampler: SamplerSection = field(default_factory=SamplerSection)
     pruner: PrunerSection = field(default_factory=PrunerSection)
@@ -155,5 +159,6 @@ def load_settings(path: Optional[str | Path], study: Optional[str] = None, stora
         settings.study.storage = storage
     if n_trials is not None:
         settings.study.n_trials = n_trials
+        settings.budget_given = True
     settings.__post_init__()
     return settings

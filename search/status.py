@@ -62,7 +62,7 @@ def _outcome(trial: FrozenTrial) -> str:
         return "rejected: " + attrs.get("constraint_reasons", ["VRAM estimate over budget"])[0]
     if reason:
         return f"pruned: {reason}" if trial.state.name == "PRUNED" else reason
-    if "fail_reason" in attrs:
+    if attrs.get("fail_reason"):
         return "failed: " + attrs["fail_reason"]
     return ""
 

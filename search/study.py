@@ -16,7 +16,9 @@ next worker continues from the dead run's last saved training state.
 
 from __future__ import annotations
 
+import errno
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -64,8 +66,57 @@ def _journal_path(url: str) -> Optional[Path]:
     return None
 
 
+def storage_file(url: str) -> Optional[Path]:
+    """The local file a SQLite or journal URL names, else None."""
+    journal = _journal_path(url)
+    if journal is not None:
+        return journal
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost of ``path`` and its folders that does not exist yet (what opening it creates)."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _file_error(path: Path, exc: BaseException) -> StorageError:
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text:
+        return StorageError(f"no space left on the disk of {path}; free some space, or put the study elsewhere "
+                            "with [study] runs_dir or --storage")
+    reason = getattr(exc, "strerror", None) or (text.strip().splitlines() or [type(exc).__name__])[0]
+    return StorageError(f"cannot write {path} ({reason}); make its folder writable, or put the study elsewhere "
+                        "with [study] runs_dir or --storage")
+
+
 def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStorage:
-    """Open (creating if needed) the storage behind ``url``; one clear error when it cannot be."""
+    """Open (creating if needed) the storage behind ``url``; one clear error when it cannot be, and then
+    no file or folder it would have created is left behind."""
+    path = storage_file(url)
+    created = _first_missing(path.resolve()) if path is not None else None
+    try:
+        return _open_storage(url, settings, path)
+    except BaseException as exc:
+        if created is not None and created.exists():
+            shutil.rmtree(created) if created.is_dir() else created.unlink()
+        if path is not None and (isinstance(exc, OSError) or _is_file_problem(str(exc))):
+            raise _file_error(path, exc) from None
+        raise
+
+
+def _is_file_problem(text: str) -> bool:
+    return any(s in text for s in ("disk is full", "unable to open database file", "readonly database",
+                                   "No space left", "Permission denied", "Read-only file system"))
+
+
+def _open_storage(url: str, settings: Optional[StudySettings], path: Optional[Path]) -> BaseStorage:
     journal = _journal_path(url)
     if journal is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +143,7 @@ def open_storage(url: str, settings: Optional[StudySettings] = None) -> BaseStor
                                "pip install 'lora-search[postgres]' (psycopg) or the MySQL driver") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage '{redact(url)}': {first}; check the URL and that the "
-                           "database server is running") from None
+                           "database server is running") from exc
 
 
 def _rdb_with_retry(url: str, engine_kwargs: dict, heartbeat: int, grace: int,
@@ -165,16 +216,60 @@ def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
 
 
 def open_study(settings: StudySettings, create: bool = True, seed_offset: int = 0) -> optuna.Study:
-    """Create the study or continue it; with ``create=False`` a missing study is an error."""
+    """Create the study or continue it; with ``create=False`` a missing study is an error and nothing
+    is created (no folder, no database file).
+
+    What ``start`` was given and the study remembers (:func:`remember_launch`) is applied to
+    ``settings``: its ``--n-trials`` budget, unless this command line sets one.
+    """
     url = storage_url(settings)
-    storage = open_storage(url, settings)
     name = settings.study.name
+    if not create and not storage_exists(url):
+        raise _no_study(name, url)
+    storage = open_storage(url, settings)
     kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings, seed_offset),
                   pruner=make_pruner(settings))
     if create:
-        return optuna.create_study(direction=settings.study.direction, load_if_exists=True, **kwargs)
-    try:
-        return optuna.load_study(**kwargs)
-    except KeyError:
-        raise StudyError(f"no study named '{name}' in {redact(url)}; start it with lora-search worker "
-                         "(or pass --study/--storage of an existing one)") from None
+        study = optuna.create_study(direction=settings.study.direction, load_if_exists=True, **kwargs)
+    else:
+        try:
+            study = optuna.load_study(**kwargs)
+        except KeyError:
+            raise _no_study(name, url) from None
+    budget = launch_settings(study).get("n_trials")
+    if budget and not settings.budget_given:
+        settings.study.n_trials = int(budget)
+    return study
+
+
+def _no_study(name: str, url: str) -> StudyError:
+    return StudyError(f"no study named '{name}' in {redact(url)}; start it with lora-search start "
+                      "(or pass --study/--storage of an existing one)")
+
+
+def storage_exists(url: str) -> bool:
+    """False when ``url`` names a SQLite or journal file that does not exist (so it holds no study);
+    True otherwise (a database server is asked by opening it)."""
+    journal = _journal_path(url)
+    if journal is not None:
+        return journal.is_file()
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        return path in ("", ":memory:") or Path(path).is_file()
+    return True
+
+
+LAUNCH_ATTR = "launch"
+
+
+def launch_settings(study: optuna.Study) -> dict:
+    """What the last ``lora-search start`` was given: ``{"gpus": [...], "n_trials": N}`` (either may be absent)."""
+    return dict(study.user_attrs.get(LAUNCH_ATTR) or {})
+
+
+def remember_launch(study: optuna.Study, gpus: list[int], settings: StudySettings) -> None:
+    """Keep the GPUs (and a --n-trials budget) ``start`` was given, so ``resume`` brings all of it back."""
+    launch = launch_settings(study) | {"gpus": list(gpus)}
+    if settings.budget_given:
+        launch["n_trials"] = settings.study.n_trials
+    study.set_user_attr(LAUNCH_ATTR, launch)

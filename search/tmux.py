@@ -112,13 +112,12 @@ def session_running(settings: StudySettings, socket_name: Optional[str] = None) 
     return find_session(settings, socket_name) is not None
 
 
-def study_cli_args(settings: StudySettings, config: Optional[Path], n_trials: Optional[int] = None) -> list[str]:
+def study_cli_args(settings: StudySettings, config: Optional[Path]) -> list[str]:
     """The options that, with the storage URL in the session's environment (:func:`set_session_storage`),
-    make a subcommand run on exactly this study (config path made absolute)."""
+    make a subcommand run on exactly this study (config path made absolute). A ``--n-trials`` budget is
+    not among them: the study remembers it (search.study.remember_launch)."""
     args = ["--config", str(Path(config).resolve())] if config else []
     args += ["--study", settings.study.name]
-    if n_trials is not None:
-        args += ["--n-trials", str(n_trials)]
     return args
 
 

@@ -23,11 +23,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from search.backends import make_backend
@@ -36,12 +35,14 @@ from search.baseline import queue_baseline
 from search.constraints import describe, violations
 from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.notes import outcome_note, rejection_note, save_trial_note
+from search.optuna_ext import heartbeat_interval, is_finished, record_heartbeat, retried_number, stored_trial
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import StudySettings
 from search.space import SearchSpace, load_search_space
 from search.study import open_study, retry_callback
 from search.trial_config import load_base_values, trial_values, write_trial_config
-from training.config import config_from_dict
+from training.atomic import remove_temporary_files
+from training.config import TrainingConfig, config_from_dict
 from training.vram import estimate_vram
 
 log = logging.getLogger(__name__)
@@ -131,16 +132,15 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial):
 
     Optuna beats only inside ``Study.optimize``; workers use ask/tell, so they beat themselves.
     """
-    storage = study._storage
-    if not is_heartbeat_enabled(storage):
+    interval = heartbeat_interval(study)
+    if interval is None:
         yield
         return
     stop = threading.Event()
-    interval = storage.get_heartbeat_interval()
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial._trial_id)
+            record_heartbeat(study, trial)
             if stop.wait(interval):
                 return
 
@@ -176,15 +176,23 @@ class TrialRun:
                                               "started": self.started, "updated": time.time()})
 
     def __post_init__(self) -> None:
-        # A retry inherits its crashed run's attrs: its epochs scored so far still count.
+        # A retry inherits its crashed run's attrs: its epochs scored so far still count. A kill may
+        # fall between recording an epoch's score and its best_* attrs, so the best is taken again from
+        # every scored epoch.
         attrs = self.trial.user_attrs
         if "best_score" in attrs:
             self.best_epoch, self.best_score = attrs["best_epoch"], attrs["best_score"]
             self.best_checkpoint = Path(attrs["best_checkpoint"])
+        for epoch, score in sorted((int(e), s) for e, s in attrs.get("epoch_scores", {}).items()):
+            if self._better(score):
+                self.best_epoch, self.best_score = epoch, score
+                self.best_checkpoint = None  # found again by the retry's catch-up (it re-records it)
+
+    def _better(self, score: float) -> bool:
+        return self.best_score is None or (score > self.best_score if self.maximize else score < self.best_score)
 
     def record(self, result: EpochScore, checkpoint: Path) -> None:
-        better = self.best_score is None or (
-            result.total > self.best_score if self.maximize else result.total < self.best_score)
+        better = self._better(result.total) or result.epoch == self.best_epoch
         scores = dict(self.trial.user_attrs.get("epoch_scores", {}))
         scores[str(result.epoch)] = result.total
         self.trial.set_user_attr("epoch_scores", scores)
@@ -217,6 +225,9 @@ class Worker:
         self.scorer = scorer or make_scorer(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.stop_requested = False
+        # Called before each trial; raising stops the worker (lora-search worker checks that the model
+        # and dataset are still there, see search.preflight.check_inputs).
+        self.before_trial: Callable[[], None] = lambda: None
 
     def request_stop(self) -> None:
         """Finish the current epoch (its checkpoint and state are saved), queue the trial to continue, exit."""
@@ -237,6 +248,7 @@ class Worker:
             if not retries and trained_count(self.study) >= self.settings.study.n_trials:
                 log.info("budget of %d trained trials reached", self.settings.study.n_trials)
                 break
+            self.before_trial()
             try:
                 outcome = self.run_next()
             except StopRequested:
@@ -258,13 +270,13 @@ class Worker:
         try:
             return self._carry(trial)
         except BaseException:  # Ctrl-C / SIGTERM (stop): never leave the trial RUNNING
-            if not self.study._storage.get_trial(trial._trial_id).state.is_finished():
+            if not is_finished(self.study, trial):
                 self._interrupted(trial)
             raise
 
     def _carry(self, trial: optuna.Trial) -> str:
         trial.set_user_attr("worker", self.name)
-        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.study._storage.get_trial(trial._trial_id))
+        retry_of = retried_number(self.study, trial)
         if retry_of is not None and "config" in trial.user_attrs:
             return self._continue(trial, retry_of)
         params = self.space.suggest(trial)
@@ -304,16 +316,30 @@ class Worker:
         """A retry of a trial whose worker died: same params, same folder, resumed from its state."""
         run_dir = Path(trial.user_attrs["run_dir"])
         log.info("trial %d continues trial %d in %s", trial.number, retry_of, run_dir)
+        inherited = trial.user_attrs.get("fail_reason")
+        if inherited:  # the dead run's reason goes to the history; this run has not failed
+            history = list(trial.user_attrs.get("earlier_failures", []))
+            trial.set_user_attr("earlier_failures", history + [f"trial {retry_of}: {inherited}"])
+            trial.set_user_attr("fail_reason", None)
         return self._train(trial, trial.user_attrs["config"], run_dir, resume=True)
 
-    def _score_saved_epochs(self, run: TrialRun, output_name: str) -> None:
-        """Score checkpoints a crashed run saved but did not get to score (the resumed trainer goes on
-        after them and will not report them again)."""
-        for path in sorted(run.run_dir.glob(f"{output_name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors")):
-            epoch = int(path.stem.rsplit("-", 1)[1])
-            if str(epoch) not in run.trial.user_attrs.get("epoch_scores", {}):
+    def _catch_up(self, run: TrialRun, cfg: TrainingConfig) -> None:
+        """A retry first settles what its dead run left half done, in epoch order: every checkpoint it
+        saved but did not score is scored (the final file too: the resumed trainer may find nothing left
+        to train), and a score recorded but not reported (killed in between) is reported now."""
+        from evaluation.samples import RunLayout
+
+        remove_temporary_files(run.run_dir)
+        reported = stored_trial(self.study, run.trial).intermediate_values
+        scores = run.trial.user_attrs.get("epoch_scores", {})
+        for epoch, path in RunLayout(run.run_dir, cfg).checkpoints().items():
+            if str(epoch) not in scores:
                 log.info("trial %d scores epoch %d, saved before the interruption", run.trial.number, epoch)
                 self._score(run, epoch, path)
+            elif epoch not in reported:
+                log.info("trial %d reports epoch %d, scored before the interruption", run.trial.number, epoch)
+                run.record(EpochScore(epoch, scores[str(epoch)]), path)
+                self._report(run, epoch, scores[str(epoch)])
 
     def _train(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, resume: bool = False) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +354,7 @@ class Worker:
             with heartbeat(self.study, trial), trial_log(run_dir / "train.log"):
                 log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
                 if resume:
-                    self._score_saved_epochs(run, cfg.output_name or "last")
+                    self._catch_up(run, cfg)
                 self.backend.train(config_path, cfg, lambda epoch, ckpt: self._on_epoch(run, epoch, ckpt),
                                    resume=resume)
         except optuna.TrialPruned:
@@ -356,7 +382,7 @@ class Worker:
         accepted = trial.user_attrs.get("accepted") is True
         self._fail(trial, "interrupted; queued to continue" if accepted else "interrupted before training")
         if accepted:
-            retry_callback(self.settings.study.max_retry)(self.study, self.study._storage.get_trial(trial._trial_id))
+            retry_callback(self.settings.study.max_retry)(self.study, stored_trial(self.study, trial))
 
     def _out_of_memory(self, trial: optuna.Trial, exc: BaseException) -> str:
         """PRUNED, not FAIL: TPE ignores failed trials and would keep proposing what does not fit."""
@@ -388,10 +414,13 @@ class Worker:
             raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")
         run.record(result, checkpoint)
         self._upload(run, result)
-        run.trial.report(result.total, epoch)
-        log.info("trial %d epoch %d score %.4f", run.trial.number, epoch, result.total)
+        self._report(run, epoch, result.total)
+
+    def _report(self, run: TrialRun, epoch: int, score: float) -> None:
+        run.trial.report(score, epoch)
+        log.info("trial %d epoch %d score %.4f", run.trial.number, epoch, score)
         if run.trial.should_prune():
-            raise optuna.TrialPruned(f"epoch {epoch} score {result.total:.4f}")
+            raise optuna.TrialPruned(f"epoch {epoch} score {score:.4f}")
 
     def _upload(self, run: TrialRun, result: EpochScore) -> None:
         if not result.images:

@@ -9,10 +9,12 @@ import toml
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().parent / "fake"
+TOY_MODEL = REPO / "toyworld" / "assets" / "model"
+TOY_TRAIN = REPO / "toyworld" / "assets" / "data" / "train"
 
 
 def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "t", epochs_choices=(2, 4),
-                 save_every: int = 1, pruner: str = "none") -> Path:
+                 save_every: int = 1, pruner: str = "none", save_state: bool = True) -> Path:
     """A folder holding configs/ like the repo's, set up for the kohya backend with fake scripts.
 
     Returns the study.toml path. The search space is the default one with epochs shrunk to
@@ -22,6 +24,11 @@ def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "
     configs.mkdir(parents=True, exist_ok=True)
     base = toml.loads((REPO / "configs" / "base.toml").read_text())
     base["saving"]["save_every_n_epochs"] = save_every
+    # real files for the pre-flight check (the fake sd-scripts never reads them)
+    base["model"]["pretrained_model_name_or_path"] = str(TOY_MODEL)
+    base["dataset"]["train_data_dir"] = str(TOY_TRAIN)
+    base["saving"]["sample_prompts"] = str(REPO / "prompts" / "character.txt")
+    base["saving"]["save_state"] = save_state
     (configs / "base.toml").write_text(toml.dumps(base))
     space = toml.loads((REPO / "configs" / "search_space.toml").read_text())
     space["max_train_epochs"] = {"choices": list(epochs_choices)}

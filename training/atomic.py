@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,3 +52,16 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Remove what interrupted atomic writes left under ``folder`` (``.NAME.XXXX.tmp`` files and folders);
+    call it only when nothing is writing there. Returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*.tmp")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -253,6 +253,11 @@ def _open_rgb(path: Path) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_image(path: str | Path) -> None:
+    """Decode ``path`` completely as training will; a damaged image is a :class:`DatasetError` naming it."""
+    _open_rgb(Path(path))
+
+
 def color_augment(pixels: "torch.Tensor", rng: random.Random) -> "torch.Tensor":
     """sd-scripts' colour jitter on a [0, 1] image: a third of the time a small hue shift or gamma change."""
     from torchvision.transforms import functional as tvf

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-workers", action="store_true",
                         help="only recover the trials; do not restart worker windows")
     parser.add_argument("--gpus", metavar="0,1", default=None,
-                        help="GPUs for a new session when none runs (default: the session's, or 0)")
+                        help="GPUs for a new session when none runs (default: the session's, else the ones "
+                             "lora-search start was given, else 0)")
     parser.add_argument("--foreground", action="store_true",
                         help="run one worker in this terminal afterwards instead of tmux windows")
     parser.set_defaults(func=run)
@@ -54,7 +55,9 @@ def _restart_workers(settings, args: argparse.Namespace, study) -> None:
     if not queued and trained_count(study) >= settings.study.n_trials:
         print(f"study '{settings.study.name}' has met its budget; no workers to restart")
         return
-    gpus = parse_gpus(args.gpus) if args.gpus else None
+    from search.study import launch_settings
+
+    gpus = parse_gpus(args.gpus) if args.gpus else launch_settings(study).get("gpus")
     changed = restart_workers(settings, study_cli_args(settings, config_path(args)), gpus=gpus,
                               socket_name=args.socket_name)
     print("restarted: " + ", ".join(changed) if changed else "worker windows: all alive, nothing to restart")

@@ -17,15 +17,29 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_worker(settings_from_args(args))
+    from search.preflight import preflight_or_raise
+
+    settings = settings_from_args(args)
+    setup_logging()
+    preflight_or_raise(settings)  # start has run it too; a worker started by hand gets it here
+    return run_worker(settings)
 
 
 def run_worker(settings) -> int:
-    """One worker in this terminal until the budget is met (or a stop is requested)."""
+    """One worker in this terminal until the budget is met (or a stop is requested).
+
+    Before each trial the model, dataset and prompt file are looked for again: when one vanished
+    mid-study the worker stops with that line (exit 2) instead of failing every remaining trial.
+    """
+    from search.preflight import check_inputs
+    from search.trial_config import load_base_values
     from search.worker import Worker, trained_count
+    from training.config import config_from_dict
 
     setup_logging()
+    base = config_from_dict(load_base_values(settings.study.base_config, settings.study.preset), "base config")
     worker = Worker(settings)
+    worker.before_trial = lambda: check_inputs(base)
     graceful_stop(worker)
     trained = worker.run()
     print(f"worker done: trained {trained} trial(s) here; study '{settings.study.name}' has "

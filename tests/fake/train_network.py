@@ -4,6 +4,11 @@ It reads the TOML given with --config_file the way sd-scripts does (sections fla
 max_train_epochs (sleeping FAKE_EPOCH_SECONDS per epoch), writes {output_name}-{epoch:06d}.safetensors
 every save_every_n_epochs before the last epoch and {output_name}.safetensors at the end, and appends
 its output_dir to $FAKE_TRAIN_LOG so tests can see which trials ran.
+
+With save_state it writes sd-scripts' state folders ``{output_name}-{epoch:06d}-state`` (and
+``{output_name}-state`` at the end), accelerate's RNG file last; ``--resume FOLDER`` continues after
+that folder's epoch, as sd-scripts does with the train_state.json it saves. Every epoch trained is
+appended as "output_dir epoch" to $FAKE_EPOCH_LOG, so tests can count epochs trained twice.
 """
 
 import argparse
@@ -15,6 +20,7 @@ from pathlib import Path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--config_file", required=True)
+parser.add_argument("--resume", default=None)
 args = parser.parse_args()
 flat = {}
 for key, value in tomllib.loads(Path(args.config_file).read_text()).items():
@@ -29,9 +35,25 @@ if os.environ.get("FAKE_TRAIN_LOG"):
 if os.environ.get("FAKE_TRAIN_FAIL") and os.environ["FAKE_TRAIN_FAIL"] in str(out):
     print(os.environ.get("FAKE_TRAIN_FAIL_MESSAGE", "CUDA error: simulated crash"), file=sys.stderr)
     sys.exit(3)
-for epoch in range(1, epochs + 1):
+
+
+def save_state(folder: Path, epoch: int) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "train_state.json").write_text('{"current_epoch": %d}' % epoch)
+    (folder / "random_states_0.pkl").write_bytes(b"rng")
+
+
+first = int(Path(args.resume).name.rsplit("-", 2)[1]) + 1 if args.resume else 1
+for epoch in range(first, epochs + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_SECONDS", "0.01")))
+    if os.environ.get("FAKE_EPOCH_LOG"):
+        with open(os.environ["FAKE_EPOCH_LOG"], "a") as fh:
+            fh.write(f"{out} {epoch}\n")
     if epoch % every == 0 and epoch < epochs:
         (out / f"{name}-{epoch:06d}.safetensors").write_bytes(b"epoch %d" % epoch)
+        if flat.get("save_state"):
+            save_state(out / f"{name}-{epoch:06d}-state", epoch)
     print(f"epoch {epoch}/{epochs} done", flush=True)
 (out / f"{name}.safetensors").write_bytes(b"final")
+if flat.get("save_state"):
+    save_state(out / f"{name}-state", epochs)
