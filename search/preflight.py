@@ -86,7 +86,12 @@ def first_trial_config(settings: StudySettings, space: Any, base: dict[str, Any]
 
     from search.trial_config import trial_values
 
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.study.seed))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.study.seed))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     params = space.suggest(study.ask())
     values = trial_values(base, params, settings.study_dir / "trial_0000")
     return config_from_dict(values, f"{settings.study.base_config} with a sampled trial's params")

@@ -182,3 +182,29 @@ def test_samples_a_kill_cut_short_are_drawn_again_before_scoring(tmp_path, monke
     assert drawn == [1]
     layout.sample_path(1, 1).write_bytes(b"png")
     assert samples_complete(layout, SavePoint(1))
+
+
+def test_worker_stops_when_the_model_vanishes_mid_study(project, monkeypatch, capsys):
+    """An error that would repeat for every trial stops the worker with one line, not trial after trial."""
+    import search.worker as worker_module
+    from study_fixtures import TOY_MODEL
+
+    cfg = make_project(project, n_trials=3, epochs_choices=(2,))
+    link = project / "model"
+    link.symlink_to(TOY_MODEL)
+    base = project / "configs" / "base.toml"
+    base.write_text(base.read_text().replace(str(TOY_MODEL), str(link)))
+    original = worker_module.Worker._train
+
+    def train_then_lose_the_model(self, *args, **kwargs):
+        outcome = original(self, *args, **kwargs)
+        link.unlink()  # e.g. an external disk unplugged after the first trial
+        return outcome
+
+    monkeypatch.setattr(worker_module.Worker, "_train", train_then_lose_the_model)
+    assert main(["worker", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is gone" in err[0] and str(link) in err[0]
+    trials = open_study(load_settings(cfg), create=False).get_trials()
+    assert len([t for t in trials if t.user_attrs.get("accepted")]) == 1  # no trial failed on the missing model
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
