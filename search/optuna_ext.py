@@ -33,6 +33,14 @@ def retried_number(study: optuna.Study, trial: AnyTrial) -> Optional[int]:
     return RetryHeartbeatStaleTrialCallback.retried_trial_number(stored_trial(study, trial))
 
 
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials whose run was handed to a retry (the retry holds their budget slot)."""
+    history: set[int] = set()
+    for trial in trials:
+        history.update(RetryHeartbeatStaleTrialCallback.retry_history(trial))
+    return history
+
+
 def set_attr(study: optuna.Study, trial: AnyTrial, key: str, value: Any) -> None:
     """Set a user attr on any unfinished trial, also one this process did not ask for."""
     study._storage.set_trial_user_attr(trial._trial_id, key, value)

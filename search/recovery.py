@@ -20,9 +20,9 @@ from typing import Optional
 
 import optuna
 from optuna.storages import fail_stale_trials
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from search.optuna_ext import fail, set_attr, stored_trial
+from search.optuna_ext import AnyTrial, fail, retried_numbers, set_attr, stored_trial
 from search.study import retry_callback
 
 
@@ -41,16 +41,36 @@ def worker_alive(worker: Optional[str]) -> Optional[bool]:
         return False
 
 
+def hand_over(study: optuna.Study, trial: AnyTrial, reason: str, max_retry: int) -> None:
+    """Queue the retry that continues ``trial``, then FAIL it, in an order a kill cannot break: killed
+    before the retry exists, the trial is still RUNNING and recovered again; killed after, the next
+    recovery finds the retry and only fails the trial."""
+    set_attr(study, trial, "fail_reason", reason)
+    if trial.number not in retried_numbers(study.get_trials(deepcopy=False)):
+        retry_callback(max_retry)(study, stored_trial(study, trial))
+    fail(study, trial)
+
+
 def recover_dead_trials(study: optuna.Study, max_retry: int) -> list[int]:
     """Fail trials of dead workers and queue their retries; returns the failed trial numbers."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     fail_stale_trials(study)
-    retry = retry_callback(max_retry)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(trial.user_attrs.get("worker")) is not False:
             continue
-        set_attr(study, trial, "fail_reason", "worker died; retried")
-        if fail(study, trial):  # (False: another process got there first)
-            retry(study, stored_trial(study, trial))
+        hand_over(study, trial, DIED, max_retry)
+    for trial in orphans(study.get_trials(deepcopy=False)):
+        retry_callback(max_retry)(study, trial)
     after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     return sorted(before - after)
+
+
+DIED = "worker died; retried"
+
+
+def orphans(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Accepted trials that Optuna failed for a stale heartbeat without a retry (the process doing it
+    was killed in between): a worker's own failure always records a ``fail_reason``."""
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("accepted") is True
+            and not t.user_attrs.get("fail_reason") and t.number not in retried]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from search.backends import make_backend
@@ -35,11 +35,13 @@ from search.baseline import queue_baseline
 from search.constraints import describe, violations
 from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.notes import outcome_note, rejection_note, save_trial_note
-from search.optuna_ext import heartbeat_interval, is_finished, record_heartbeat, retried_number, stored_trial
+from search.optuna_ext import (heartbeat_interval, is_finished, record_heartbeat, retried_number, retried_numbers,
+                               stored_trial)
+from search.recovery import hand_over
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import StudySettings
 from search.space import SearchSpace, load_search_space
-from search.study import open_study, retry_callback
+from search.study import open_study
 from search.trial_config import load_base_values, trial_values, write_trial_config
 from training.atomic import remove_temporary_files
 from training.config import TrainingConfig, config_from_dict
@@ -88,14 +90,6 @@ def free_gpu_memory() -> None:
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get("accepted") is True and trial.user_attrs.get("prune_reason") != "budget"
-
-
-def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of trials whose run was handed to a retry (the retry holds their budget slot)."""
-    history: set[int] = set()
-    for trial in trials:
-        history.update(RetryHeartbeatStaleTrialCallback.retry_history(trial))
-    return history
 
 
 def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -379,10 +373,12 @@ class Worker:
     def _interrupted(self, trial: optuna.Trial) -> None:
         """The worker was stopped mid-trial: FAIL it and, if it was training, queue a retry that the
         next worker (after ``lora-search resume`` or ``start``) continues from its last saved state."""
-        accepted = trial.user_attrs.get("accepted") is True
-        self._fail(trial, "interrupted; queued to continue" if accepted else "interrupted before training")
-        if accepted:
-            retry_callback(self.settings.study.max_retry)(self.study, stored_trial(self.study, trial))
+        if trial.user_attrs.get("accepted") is not True:
+            self._fail(trial, "interrupted before training")
+            return
+        hand_over(self.study, trial, "interrupted; queued to continue", self.settings.study.max_retry)
+        save_trial_note(trial, outcome_note(trial, "failed"))
+        log.warning("trial %d interrupted; queued to continue", trial.number)
 
     def _out_of_memory(self, trial: optuna.Trial, exc: BaseException) -> str:
         """PRUNED, not FAIL: TPE ignores failed trials and would keep proposing what does not fit."""
