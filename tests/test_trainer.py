@@ -20,9 +20,9 @@ class Stop(Exception):
 
 
 def _write_toml(path: Path, values: dict) -> Path:
-    import toml
+    import tomli_w
 
-    path.write_text(toml.dumps({"all": values}), encoding="utf-8")
+    path.write_text(tomli_w.dumps({"all": values}), encoding="utf-8")
     return path
 
 
