@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny_models
 from helpers import lr_curve
 from training.errors import ConfigError, LoraSearchError
 
@@ -168,6 +169,20 @@ def test_load_models_sdxl_folder_and_separate_vae(tiny_sdxl_dir, tiny_sd15_dir, 
     assert list(models.vae.config.block_out_channels) == [8, 16, 16]  # the separate (SD 1.x) VAE
 
 
+def test_a_tokenizer_without_model_max_length_uses_the_text_encoders_77(tiny_sd15_dir, tmp_path, make_config):
+    from training.models import encode_captions, load_models
+
+    plain = load_models(make_config())
+    bare_dir = tiny_models.copy_without_tokenizer_length(tiny_sd15_dir, tmp_path / "no-max-length")
+    bare = load_models(make_config(pretrained_model_name_or_path=str(bare_dir)))
+    assert bare.tokenizers[0].model_max_length == 77
+    captions = ["ohwx, a red cat", "ohwx, " + ", ".join(["a long caption"] * 40)]
+    for max_token_length in (None, 225):
+        ours, _ = encode_captions(bare, captions, torch.device("cpu"), max_token_length=max_token_length)
+        expected, _ = encode_captions(plain, captions, torch.device("cpu"), max_token_length=max_token_length)
+        torch.testing.assert_close(ours, expected)
+
+
 @pytest.mark.parametrize("kind", ["missing", "folder", "text", "keys"])
 def test_bad_model_paths_give_one_line_errors(kind, tmp_path, make_config):
     from safetensors.torch import save_file
@@ -265,8 +280,6 @@ def test_cosine_with_restarts_restarts_num_cycles_times(make_config):
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_load_models_from_a_single_original_layout_file(kind, tmp_path, make_config, monkeypatch):
-    import tiny_models
-
     from training import models as models_module
 
     build, save = ((tiny_models.build_tiny_sd15, tiny_models.save_tiny_sd15_single_file) if kind == "sd1"
