@@ -142,13 +142,33 @@ def test_load_rejects_a_lora_for_another_network(tiny_sd15_dir, tmp_path):
     pipe = _pipeline(tiny_sd15_dir)
     net = _lora_network(pipe)
     path = net.save(tmp_path / "a.safetensors", {})
-    unet_only = LoraNetwork(_pipeline(tiny_sd15_dir).unet, [], dim=4, alpha=2, train_text_encoder=False)
-    with pytest.raises(LoraSearchError, match="does not match"):
-        unet_only.load(path)
+    other = _pipeline(tiny_sd15_dir)
+    unet_only = LoraNetwork(other.unet, [other.text_encoder], dim=4, alpha=2, train_text_encoder=False)
+    unet_only_path = unet_only.save(tmp_path / "unet.safetensors", {})
+    with pytest.raises(LoraSearchError, match="does not match .*lora_te_text_model"):
+        _lora_network(_pipeline(tiny_sd15_dir)).load(unet_only_path)  # its text-encoder modules are missing
     fresh = _pipeline(tiny_sd15_dir)
     wrong_rank = LoraNetwork(fresh.unet, [fresh.text_encoder], dim=8, alpha=2)
     with pytest.raises(LoraSearchError, match="network_dim"):
         wrong_rank.load(path)
+
+
+def test_a_full_lora_starts_a_one_part_network_with_its_part(tiny_sd15_dir, tmp_path):
+    """As sd-scripts' ``network_weights``: the modules of the model that is not trained are skipped."""
+    from safetensors.torch import load_file
+
+    from training.network import LoraNetwork
+
+    full = _lora_network(_pipeline(tiny_sd15_dir))
+    _randomize(full)
+    path = full.save(tmp_path / "full.safetensors", {})
+    pipe = _pipeline(tiny_sd15_dir)
+    te_only = LoraNetwork(pipe.unet, [pipe.text_encoder], dim=4, alpha=2.0, train_unet=False)
+    te_only.load(path)
+    saved = load_file(str(te_only.save(tmp_path / "te.safetensors", {})))
+    assert saved.keys() == {k for k in load_file(str(path)) if k.startswith("lora_te_")}
+    assert all(torch.equal(v, full.kohya_state_dict()[k]) for k, v in saved.items())
+    assert not any(p.requires_grad for p in pipe.unet.parameters())  # the untrained UNet is frozen
 
 
 # --- model loading -----------------------------------------------------------------------------------
