@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from search.constraints import describe, violations

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import write_dataset
+from helpers import write_dataset
 from training.errors import LoraSearchError
 
 
