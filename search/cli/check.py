@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         "check", help="validate a training TOML and the seven safety constraints",
         description="Exit 0 when the config is safe, 1 listing every violated constraint, "
                     "2 when the file is unusable (missing, not TOML, unknown key or bad value).")
-    parser.add_argument("config", metavar="CONFIG.toml")
+    parser.add_argument("config", metavar="CONFIG.toml",
+                        help="training config to check (.toml, sd-scripts key names), e.g. an exported trial")
     parser.set_defaults(func=run)
 
 
