@@ -70,7 +70,8 @@ PACKAGES = ("search", "training", "evaluation")
 
 
 def setup_logging(verbose: bool = True) -> None:
-    """Print every log line once, on stdout: lora-search's progress, and warnings from the libraries.
+    """Print every log line once, on stdout: lora-search's progress, and the warnings of libraries that log
+    through the standard loggers (diffusers and transformers keep their own stderr handler).
 
     The one handler sits on the root logger. A handler there also keeps a library's ``logging.info()``
     call (open_clip makes them while loading CLIP) from installing Python's default stderr handler,
@@ -81,9 +82,7 @@ def setup_logging(verbose: bool = True) -> None:
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, _CurrentStdout)] + [handler]
     for name in PACKAGES:
-        logger = logging.getLogger(name)
-        logger.handlers = [h for h in logger.handlers if not isinstance(h, _CurrentStdout)]
-        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
