@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,16 @@ def _latent_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("LORA_SEARCH_CACHE", str(tmp_path_factory.mktemp("lora-search-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_left_behind() -> None:
+    """A command run in-process puts its log handler on the root logger; it goes with the test, so the
+    next test's stdout holds only what that test printed."""
+    before = list(logging.root.handlers)
+    yield
+    logging.root.handlers[:] = [h for h in logging.root.handlers
+                                if h in before or type(h).__module__.startswith("_pytest")]
 
 
 @pytest.fixture(scope="session")
