@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import optuna
-import toml
+import tomli_w
 
 import toyworld
 from search.settings import load_settings
@@ -94,7 +95,7 @@ def write_prompts(path: Path, steps: int = 16, scale: float = 5.0) -> None:
 def toy_base_config(paths: DemoPaths, **overrides: object) -> dict:
     """The shipped base config pointed at the toy model and the copied dataset, shrunk to CPU size, with
     the first guess's values and then ``overrides`` (kohya keys) in the sections base.toml keeps them in."""
-    base = toml.loads((REPO_CONFIGS / "base.toml").read_text())
+    base = tomllib.loads((REPO_CONFIGS / "base.toml").read_text())
     base["model"]["pretrained_model_name_or_path"] = str(toyworld.MODEL)
     base["dataset"].update(train_data_dir=str(paths.train), resolution=f"{world.SIZE},{world.SIZE}",
                            enable_bucket=False, cache_latents=True, cache_latents_to_disk=True)
@@ -112,7 +113,7 @@ def toy_base_config(paths: DemoPaths, **overrides: object) -> dict:
 def toy_evaluator_config(paths: DemoPaths) -> dict:
     """The shipped evaluator settings pointed at the toy CLIP and the character's references, with the
     bounds measured for the toy CLIP (``toyworld/assets/calibration.json``) in place of ViT-L/14's."""
-    evaluator = toml.loads((REPO_CONFIGS / "evaluator.toml").read_text())
+    evaluator = tomllib.loads((REPO_CONFIGS / "evaluator.toml").read_text())
     evaluator["references"] = str(paths.references)
     evaluator["clip"].update(model=f"local-dir:{toyworld.CLIP}", pretrained="", device="cpu")
     for section, bounds in json.loads(toyworld.CALIBRATION.read_text(encoding="utf-8")).items():
@@ -131,9 +132,9 @@ def write_configs(paths: DemoPaths, n_trials: int) -> None:
     configs = paths.configs
     configs.mkdir(parents=True, exist_ok=True)
     write_prompts(configs / "prompts.txt")
-    (configs / "base.toml").write_text("# lora-search demo: the toy world, CPU\n" + toml.dumps(toy_base_config(paths)))
-    (configs / "search_space.toml").write_text("# lora-search demo: scaled to CPU minutes\n" + toml.dumps(DEMO_SPACE))
-    (configs / "evaluator.toml").write_text(toml.dumps(toy_evaluator_config(paths)))
+    (configs / "base.toml").write_text("# lora-search demo: the toy world, CPU\n" + tomli_w.dumps(toy_base_config(paths)))
+    (configs / "search_space.toml").write_text("# lora-search demo: scaled to CPU minutes\n" + tomli_w.dumps(DEMO_SPACE))
+    (configs / "evaluator.toml").write_text(tomli_w.dumps(toy_evaluator_config(paths)))
     study = {
         "study": {"name": "demo", "n_trials": n_trials, "runs_dir": str(paths.root), "seed": 1,
                   "base_config": str(configs / "base.toml"), "search_space": str(configs / "search_space.toml"),
@@ -141,7 +142,7 @@ def write_configs(paths: DemoPaths, n_trials: int) -> None:
         "backend": {"type": "builtin"},
         "scorer": {"type": "clip"},
     }
-    paths.study_config.write_text("# lora-search demo study\n" + toml.dumps(study))
+    paths.study_config.write_text("# lora-search demo study\n" + tomli_w.dumps(study))
 
 
 def prepare(root: Path, n_trials: int, say: Callable[[str], None]) -> DemoPaths:

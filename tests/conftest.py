@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny SD 1.x model folder, a tiny kohya dataset and training configs over them."""
+"""Shared fixtures: tiny SD 1.x/SDXL model folders, a tiny CLIP, a tiny kohya dataset and configs over them."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -10,7 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can import tiny_models and friends
 
+import tiny_clip  # noqa: E402
 import tiny_models  # noqa: E402
+from helpers import write_dataset  # noqa: E402
+from sample_runs import run_settings  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,6 +24,16 @@ def _latent_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("LORA_SEARCH_CACHE", str(tmp_path_factory.mktemp("lora-search-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_left_behind() -> None:
+    """A command run in-process puts its log handler on the root logger; it goes with the test, so the
+    next test's stdout holds only what that test printed."""
+    before = list(logging.root.handlers)
+    yield
+    logging.root.handlers[:] = [h for h in logging.root.handlers
+                                if h in before or type(h).__module__.startswith("_pytest")]
 
 
 @pytest.fixture(scope="session")
@@ -34,20 +48,25 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_models.save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
-def write_dataset(root: Path, images: int = 2, repeats: int = 1, name: str = "ohwx cat",
-                  size: tuple[int, int] = (64, 64)) -> Path:
-    """A kohya dataset ``root/{repeats}_{name}/`` of random RGB images with ``.txt`` captions."""
-    import numpy as np
-    from PIL import Image
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny open_clip model as a ``local-dir:`` folder, built once per session (treat it as read-only)."""
+    return tiny_clip.build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
-    folder = root / f"{repeats}_{name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(images):
-        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"ohwx, cat, tag{i}, red", encoding="utf-8")
-    return root
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tiny_clip_dir: Path) -> Any:
+    """The tiny CLIP loaded through the real loader (``evaluation.load_clip``)."""
+    from evaluation.clip_loader import load_clip
+    from evaluation.settings import ClipSettings
+
+    return load_clip(ClipSettings(model=f"local-dir:{tiny_clip_dir}", pretrained=""))
+
+
+@pytest.fixture
+def evaluator_settings(tmp_path: Path, tiny_clip_dir: Path) -> Any:
+    """Identity and technical quality on the tiny CLIP, references in ``tmp_path/refs`` (see sample_runs)."""
+    return run_settings(tmp_path / "refs", tiny_clip_dir)
 
 
 @pytest.fixture

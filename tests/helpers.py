@@ -1,4 +1,5 @@
-"""Small helpers shared by several test files: a benchmark script imported as a module, an LR curve."""
+"""Small helpers shared by several test files: a benchmark script imported as a module, an LR curve, a
+tiny kohya dataset."""
 
 from __future__ import annotations
 
@@ -38,3 +39,19 @@ def lr_curve(cfg, steps: int) -> list[float]:
         opt.step()
         sched.step()
     return out
+
+
+def write_dataset(root: Path, images: int = 2, repeats: int = 1, name: str = "ohwx cat",
+                  size: tuple[int, int] = (64, 64)) -> Path:
+    """A kohya dataset ``root/{repeats}_{name}/`` of random RGB images with ``.txt`` captions."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / f"{repeats}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"ohwx, cat, tag{i}, red", encoding="utf-8")
+    return root

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 
-import toml
+import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().parent / "fake"
@@ -22,17 +23,17 @@ def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "
     """
     configs = root / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    base = toml.loads((REPO / "configs" / "base.toml").read_text())
+    base = tomllib.loads((REPO / "configs" / "base.toml").read_text())
     base["saving"]["save_every_n_epochs"] = save_every
     # real files for the pre-flight check (the fake sd-scripts never reads them)
     base["model"]["pretrained_model_name_or_path"] = str(TOY_MODEL)
     base["dataset"]["train_data_dir"] = str(TOY_TRAIN)
     base["saving"]["sample_prompts"] = str(REPO / "prompts" / "character.txt")
     base["saving"]["save_state"] = save_state
-    (configs / "base.toml").write_text(toml.dumps(base))
-    space = toml.loads((REPO / "configs" / "search_space.toml").read_text())
+    (configs / "base.toml").write_text(tomli_w.dumps(base))
+    space = tomllib.loads((REPO / "configs" / "search_space.toml").read_text())
     space["max_train_epochs"] = {"choices": list(epochs_choices)}
-    (configs / "search_space.toml").write_text(toml.dumps(space))
+    (configs / "search_space.toml").write_text(tomli_w.dumps(space))
     study = {
         "study": {"name": name, "storage": storage, "n_trials": n_trials, "seed": 7,
                   "runs_dir": str(root / "runs"), "base_config": str(configs / "base.toml"),
@@ -43,5 +44,5 @@ def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "
         "scorer": {"type": "command", "command": [sys.executable, str(FAKE / "score.py"), "{config}", "{epoch}"]},
     }
     path = configs / "study.toml"
-    path.write_text(toml.dumps(study))
+    path.write_text(tomli_w.dumps(study))
     return path

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import optuna
 import pytest
-import toml
+import tomli_w
 
 from search.baseline import baseline_params, has_baseline, queue_baseline
 from search.cli import main
@@ -29,10 +31,10 @@ def project(tmp_path, monkeypatch):
 
 
 def proven_file(root, **changes):
-    base = toml.loads((REPO / "configs" / "base.toml").read_text())
+    base = tomllib.loads((REPO / "configs" / "base.toml").read_text())
     flat = {k: v for section in base.values() for k, v in section.items()}
     path = root / "my_proven.toml"
-    path.write_text(toml.dumps({**flat, **PROVEN, **changes}))
+    path.write_text(tomli_w.dumps({**flat, **PROVEN, **changes}))
     return path
 
 

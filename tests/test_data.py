@@ -12,7 +12,7 @@ from PIL import Image
 
 from training.buckets import BucketFit, assign_bucket, make_buckets
 from training.config import TrainingConfig
-from training.data import (DataOptions, DatasetError, TrainDataset, batch_loader, count_batches, epoch_batches,
+from training.data import (DataOptions, DatasetError, TrainDataset, count_batches, epoch_batches,
                            fit_items, load_pixels, process_caption, scan_dataset)
 from training.errors import ConfigError, LoraSearchError
 from training.latent_cache import LatentCache
@@ -342,16 +342,3 @@ def test_flip_aug_caches_both_orientations(dataset_dir, tmp_path):
     assert encoder.images == 6
     no_flip = TrainDataset(dataset.items, options(resolution=(64, 64)))
     assert cache.encode_dataset(no_flip, encoder, "vae")[1] is None
-
-
-def test_batch_loader_matches_make_batch_and_resumes_mid_epoch(dataset_dir):
-    dataset = TrainDataset(scan_dataset(dataset_dir, ".txt"), options(shuffle_caption=True, flip_aug=True))
-    order = dataset.epoch_batches(2, seed=9, epoch=1)
-    loaded = list(batch_loader(dataset, 2, seed=9, epoch=1))
-    assert [b.indices for b in loaded] == order
-    for batch_no, batch in enumerate(loaded):
-        direct = dataset.make_batch(order[batch_no], 9, 1, batch_no)
-        assert batch.captions == direct.captions and torch.equal(batch.pixels, direct.pixels)
-    resumed = list(batch_loader(dataset, 2, seed=9, epoch=1, start_batch=2))
-    assert [b.captions for b in resumed] == [b.captions for b in loaded[2:]]
-    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(resumed, loaded[2:]))

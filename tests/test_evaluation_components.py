@@ -10,17 +10,10 @@ import torch
 from PIL import Image, ImageFilter
 
 from evaluation import components as comp
-from evaluation.clip_loader import load_clip
 from evaluation.quality import colorfulness, technical_quality
-from evaluation.settings import (AdherenceSettings, ClipSettings, IdentitySettings, StyleSettings,
-                                 TechnicalSettings, VarietySettings)
-from tiny_clip import build_tiny_clip, flat_image, pattern_image
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    folder = build_tiny_clip(tmp_path_factory.mktemp("clip"))
-    return load_clip(ClipSettings(model=f"local-dir:{folder}", pretrained=""))
+from evaluation.settings import (AdherenceSettings, IdentitySettings, StyleSettings, TechnicalSettings,
+                                 VarietySettings)
+from tiny_clip import flat_image, pattern_image
 
 
 def unit(*rows) -> torch.Tensor:
@@ -29,15 +22,15 @@ def unit(*rows) -> torch.Tensor:
 
 # identity ---------------------------------------------------------------------------------------
 
-def test_samples_equal_to_references_score_identity_one(clip):
-    refs = clip.encode_images([pattern_image(1), pattern_image(2)])
+def test_samples_equal_to_references_score_identity_one(tiny_clip_model):
+    refs = tiny_clip_model.encode_images([pattern_image(1), pattern_image(2)])
     score, raw = comp.identity(refs.clone(), refs, IdentitySettings(aggregation="topk", top_k=1))
     assert score == pytest.approx(1.0, abs=1e-5) and raw == pytest.approx([1.0, 1.0], abs=1e-5)
 
 
-def test_reference_copy_beats_unrelated_image(clip):
-    refs = clip.encode_images([pattern_image(1)])
-    samples = clip.encode_images([pattern_image(1), flat_image((230, 30, 30))])
+def test_reference_copy_beats_unrelated_image(tiny_clip_model):
+    refs = tiny_clip_model.encode_images([pattern_image(1)])
+    samples = tiny_clip_model.encode_images([pattern_image(1), flat_image((230, 30, 30))])
     _, raw = comp.identity(samples, refs, IdentitySettings())
     assert raw[0] == pytest.approx(1.0, abs=1e-5) and raw[1] < raw[0] - 0.05
 
@@ -64,8 +57,8 @@ def test_identity_bounds_map_to_zero_and_one():
 
 # pose variety ------------------------------------------------------------------------------------
 
-def test_identical_samples_have_zero_variety(clip):
-    crops = clip.encode_images([pattern_image(7)] * 4)
+def test_identical_samples_have_zero_variety(tiny_clip_model):
+    crops = tiny_clip_model.encode_images([pattern_image(7)] * 4)
     score, raw = comp.pose_variety(crops, ["a", "b", "c", "d"], VarietySettings())
     assert score == pytest.approx(0.0, abs=1e-5) and raw == pytest.approx(0.0, abs=1e-5)
 
@@ -77,16 +70,16 @@ def with_border(centre: Image.Image, border_seed: int) -> Image.Image:
     return image
 
 
-def test_background_changes_do_not_count_as_pose_variety(clip):
+def test_background_changes_do_not_count_as_pose_variety(tiny_clip_model):
     settings = VarietySettings(center_crop=0.5)
     same_subject = [with_border(pattern_image(1, size=32), seed) for seed in (10, 11, 12)]
     new_subjects = [with_border(pattern_image(s, size=32), 10) for s in (1, 2, 3)]
 
     def variety(images):
-        crops = clip.encode_images([comp.centre_crop(im, settings.center_crop) for im in images])
+        crops = tiny_clip_model.encode_images([comp.centre_crop(im, settings.center_crop) for im in images])
         return comp.pose_variety(crops, ["p1", "p2", "p3"], settings)[1]
 
-    whole = clip.encode_images(same_subject)
+    whole = tiny_clip_model.encode_images(same_subject)
     assert comp.pose_variety(whole, ["p1", "p2", "p3"], settings)[1] > 1e-4  # whole images do differ
     assert variety(same_subject) == pytest.approx(0.0, abs=1e-6)
     assert variety(new_subjects) > 1e-4

@@ -10,56 +10,11 @@ import pytest
 from PIL import Image
 
 import evaluation.evaluator as evaluate_module
-from evaluation import Evaluator, evaluate_run, load_clip, settings_from_dict
+from evaluation import Evaluator, evaluate_run, settings_from_dict
+from sample_runs import SETTINGS_TOML, make_run, save
 from search.cli import main
-from tiny_clip import build_tiny_clip, flat_image, pattern_image
+from tiny_clip import flat_image, pattern_image
 from training.errors import LoraSearchError
-
-PROMPTS = ["ohwx, a character standing", "ohwx, a character sitting, indoors", "a character running, ohwx"]
-SETTINGS_TOML = """
-[weights]
-identity = 0.5
-pose_variety = 0.0
-style = 0.0
-prompt_adherence = 0.0
-technical = 0.5
-
-[identity]
-aggregation = "topk"
-top_k = 1
-"""
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-def save(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def make_run(root: Path, sampled: dict[int, list[Image.Image]]) -> Path:
-    """A run folder as the trainer leaves it: config.toml, sample/prompts.json and sample PNGs."""
-    for n, seed in enumerate((1, 2)):
-        save(pattern_image(seed), root / "refs" / f"ref{n}.png")
-    for n, seed in enumerate((20, 21)):
-        save(pattern_image(seed), root / "train" / "5_ohwx character" / f"img{n}.png")
-        (root / "train" / "5_ohwx character" / f"img{n}.txt").write_text("ohwx, character")
-    run = root / "run"
-    (run / "sample").mkdir(parents=True)
-    (run / "config.toml").write_text(
-        f'[saving]\noutput_name = "demo"\nmetadata_trigger_phrase = "ohwx"\n'
-        f'[dataset]\ntrain_data_dir = "{(root / "train").as_posix()}"\n')
-    entries = [{"index": i, "prompt": p, "negative_prompt": "blurry", "width": 64, "height": 64, "seed": i,
-                "steps": 4, "scale": 7.0} for i, p in enumerate(PROMPTS)]
-    (run / "sample" / "prompts.json").write_text(json.dumps({"trigger": "ohwx", "prompts": entries}))
-    for epoch, images in sampled.items():
-        for index, image in enumerate(images):
-            save(image, run / "sample" / f"demo_e{epoch:06d}_{index:02d}.png")
-    return run
-
 
 def good_and_bad_run(root: Path) -> Path:
     """Epoch 2 reproduces the references (sharp, colourful); epoch 1 is flat grey."""
@@ -67,25 +22,13 @@ def good_and_bad_run(root: Path) -> Path:
                            2: [pattern_image(1), pattern_image(2), pattern_image(1)]})
 
 
-@pytest.fixture()
-def settings(tmp_path, clip_dir):
-    base = settings_from_dict({**_toml(SETTINGS_TOML), "references": str(tmp_path / "refs")})
-    return base.with_overrides(clip_model=f"local-dir:{clip_dir}", clip_pretrained="")
-
-
-def _toml(text: str) -> dict:
-    import tomllib
-
-    return tomllib.loads(text)
-
-
-def test_score_epoch_combines_components_and_writes_a_contact_sheet(tmp_path, settings):
+def test_score_epoch_combines_components_and_writes_a_contact_sheet(tmp_path, evaluator_settings):
     run = good_and_bad_run(tmp_path)
-    score = Evaluator(settings).score_epoch(run, 2)
+    score = Evaluator(evaluator_settings).score_epoch(run, 2)
     assert score.epoch == 2 and set(score.components) == {"identity", "pose_variety", "style",
                                                           "prompt_adherence", "technical"}
     assert all(0.0 <= v <= 1.0 for v in score.components.values())
-    weights = settings.weights.as_dict()
+    weights = evaluator_settings.weights.as_dict()
     assert score.total == pytest.approx(sum(weights[k] * v for k, v in score.components.items()))
     assert score.components["identity"] == pytest.approx(1.0, abs=1e-5)  # samples are the references
     assert [im.index for im in score.images] == [0, 1, 2]
@@ -96,9 +39,9 @@ def test_score_epoch_combines_components_and_writes_a_contact_sheet(tmp_path, se
     assert score.contact_sheet == run / "contact_sheet_e000002.png"
 
 
-def test_evaluate_run_writes_scores_json_and_picks_the_best_epoch(tmp_path, settings):
+def test_evaluate_run_writes_scores_json_and_picks_the_best_epoch(tmp_path, evaluator_settings):
     run = good_and_bad_run(tmp_path)
-    scores = evaluate_run(run, settings)
+    scores = evaluate_run(run, evaluator_settings)
     assert [e.epoch for e in scores.epochs] == [1, 2] and scores.best_epoch == 2
     data = json.loads((run / "scores.json").read_text())
     assert data["best_epoch"] == 2 and data["best_total"] == pytest.approx(scores.best.total)
@@ -112,47 +55,48 @@ def test_evaluate_run_writes_scores_json_and_picks_the_best_epoch(tmp_path, sett
     assert not list(run.glob(".*.tmp"))
 
 
-def test_evaluator_loads_clip_and_references_once(tmp_path, settings, monkeypatch):
+def test_evaluator_loads_clip_and_references_once(tmp_path, evaluator_settings, monkeypatch):
     run = good_and_bad_run(tmp_path)
     loads, scans = [], []
     real_load, real_find = evaluate_module.load_clip, evaluate_module.find_images
     monkeypatch.setattr(evaluate_module, "load_clip", lambda s: loads.append(s) or real_load(s))
     monkeypatch.setattr(evaluate_module, "find_images", lambda *a: scans.append(a[0]) or real_find(*a))
-    evaluator = Evaluator(settings)
+    evaluator = Evaluator(evaluator_settings)
     evaluator.score_epoch(run, 1)
     evaluator.score_epoch(run, 2)
     assert len(loads) == 1
     assert sorted(p.name for p in scans) == ["refs", "train"]  # references and training images, once each
 
 
-def test_style_references_folder_replaces_training_images(tmp_path, settings):
+def test_style_references_folder_replaces_training_images(tmp_path, evaluator_settings):
     run = good_and_bad_run(tmp_path)
     save(pattern_image(1), tmp_path / "style" / "s.png")
-    plain = Evaluator(settings).score_epoch(run, 2)
-    styled = Evaluator(dataclasses.replace(settings, style_references=str(tmp_path / "style"))).score_epoch(run, 2)
+    plain = Evaluator(evaluator_settings).score_epoch(run, 2)
+    styled_settings = dataclasses.replace(evaluator_settings, style_references=str(tmp_path / "style"))
+    styled = Evaluator(styled_settings).score_epoch(run, 2)
     assert styled.images[0].style == pytest.approx(1.0, abs=1e-5)  # sample 0 is the one style image
     assert plain.images[0].style < styled.images[0].style
 
 
-def test_run_errors_are_one_clear_line(tmp_path, settings):
+def test_run_errors_are_one_clear_line(tmp_path, evaluator_settings):
     with pytest.raises(LoraSearchError, match="run folder .* not found"):
-        evaluate_run(tmp_path / "missing", settings)
+        evaluate_run(tmp_path / "missing", evaluator_settings)
     empty = make_run(tmp_path, {})
     with pytest.raises(LoraSearchError, match="no sample images"):
-        evaluate_run(empty, settings)
+        evaluate_run(empty, evaluator_settings)
     with pytest.raises(LoraSearchError, match="epoch 3 has no samples"):
-        Evaluator(settings).score_epoch(empty, 3)
+        Evaluator(evaluator_settings).score_epoch(empty, 3)
     save(pattern_image(1), empty / "sample" / "demo_e000001_00.png")
-    no_refs = dataclasses.replace(settings, references=str(tmp_path / "nope"))
+    no_refs = dataclasses.replace(evaluator_settings, references=str(tmp_path / "nope"))
     with pytest.raises(LoraSearchError, match="reference folder .*nope not found; .*--references DIR"):
         evaluate_run(empty, no_refs)
 
 
-def test_evaluate_cli_prints_the_table_and_marks_the_best(tmp_path, clip_dir, capsys):
+def test_evaluate_cli_prints_the_table_and_marks_the_best(tmp_path, tiny_clip_dir, capsys):
     run = good_and_bad_run(tmp_path)
     config = tmp_path / "evaluator.toml"
     config.write_text(SETTINGS_TOML)
-    args = ["evaluate", str(run), "--evaluator-config", str(config), "--clip-model", f"local-dir:{clip_dir}",
+    args = ["evaluate", str(run), "--evaluator-config", str(config), "--clip-model", f"local-dir:{tiny_clip_dir}",
             "--references", str(tmp_path / "refs")]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
@@ -163,9 +107,9 @@ def test_evaluate_cli_prints_the_table_and_marks_the_best(tmp_path, clip_dir, ca
     assert "best epoch 2" in out[3] and (run / "scores.json").is_file()
 
 
-def test_evaluate_cli_fails_cleanly_on_an_empty_run(tmp_path, clip_dir, capsys):
+def test_evaluate_cli_fails_cleanly_on_an_empty_run(tmp_path, tiny_clip_dir, capsys):
     empty = make_run(tmp_path, {})
-    code = main(["evaluate", str(empty), "--clip-model", f"local-dir:{clip_dir}",
+    code = main(["evaluate", str(empty), "--clip-model", f"local-dir:{tiny_clip_dir}",
                  "--references", str(tmp_path / "refs")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("lora-search evaluate: error:") and "no sample images" in err
@@ -173,7 +117,7 @@ def test_evaluate_cli_fails_cleanly_on_an_empty_run(tmp_path, clip_dir, capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_samples_checkpoints_of_a_tiny_training_run(tmp_path, make_config, clip_dir):
+def test_evaluate_samples_checkpoints_of_a_tiny_training_run(tmp_path, make_config, tiny_clip_dir):
     from training.trainer import train
 
     prompts = tmp_path / "prompts.txt"
@@ -186,7 +130,7 @@ def test_evaluate_samples_checkpoints_of_a_tiny_training_run(tmp_path, make_conf
     refs = tmp_path / "refs"
     save(pattern_image(1), refs / "ref.png")
     settings = settings_from_dict({"references": str(refs)}).with_overrides(
-        clip_model=f"local-dir:{clip_dir}", clip_pretrained="")
+        clip_model=f"local-dir:{tiny_clip_dir}", clip_pretrained="")
     scores = evaluate_run(run, settings)
     assert scores.generated_epochs == [1, 2] and [e.epoch for e in scores.epochs] == [1, 2]
     assert sorted(p.name for p in run.glob("sample/*.png")) == [
@@ -196,18 +140,18 @@ def test_evaluate_samples_checkpoints_of_a_tiny_training_run(tmp_path, make_conf
     assert (run / "contact_sheet_e000002.png").is_file()
 
 
-def test_checkpoints_without_prompt_file_are_not_sampled(tmp_path, settings):
+def test_checkpoints_without_prompt_file_are_not_sampled(tmp_path, evaluator_settings):
     run = good_and_bad_run(tmp_path)
     (run / "demo-000003.safetensors").write_bytes(b"")  # sample_prompts unset: nothing to sample with
-    scores = evaluate_run(run, settings)
+    scores = evaluate_run(run, evaluator_settings)
     assert scores.generated_epochs == [] and [e.epoch for e in scores.epochs] == [1, 2]
 
 
-def test_scores_json_reads_back_into_the_same_epochs(tmp_path, settings):
+def test_scores_json_reads_back_into_the_same_epochs(tmp_path, evaluator_settings):
     from evaluation import read_scores
 
     run = good_and_bad_run(tmp_path)
-    written = evaluate_run(run, settings)
+    written = evaluate_run(run, evaluator_settings)
     again = read_scores(run)
     assert [e.epoch for e in again] == [e.epoch for e in written.epochs]
     assert [e.total for e in again] == [e.total for e in written.epochs]

@@ -9,15 +9,10 @@ import pytest
 
 from evaluation.clip_loader import load_clip
 from evaluation.settings import ClipSettings, EvaluatorSettings, load_settings, settings_from_dict
-from tiny_clip import TINY_NAME, build_tiny_clip, pattern_image, populate_hub_cache
+from tiny_clip import TINY_NAME, pattern_image, populate_hub_cache
 from training.errors import ConfigError, LoraSearchError
 
 PROJECT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "evaluator.toml"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_shipped_config_loads_with_documented_defaults():
@@ -98,7 +93,7 @@ def test_local_dir_problems_are_named(tmp_path):
         load_clip(ClipSettings(model=f"local-dir:{tmp_path / 'half'}"))
 
 
-def test_bad_weights_file_gives_one_clear_line(tiny_dir, tmp_path):
+def test_bad_weights_file_gives_one_clear_line(tiny_clip_dir, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"this is not a safetensors file")
     with pytest.raises(LoraSearchError, match="could not load CLIP") as info:
@@ -106,7 +101,7 @@ def test_bad_weights_file_gives_one_clear_line(tiny_dir, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_local_dir_and_weights_file_load_the_same_model_offline(tiny_dir, monkeypatch):
+def test_local_dir_and_weights_file_load_the_same_model_offline(tiny_clip_dir, monkeypatch):
     import open_clip
 
     seen = []
@@ -120,8 +115,8 @@ def test_local_dir_and_weights_file_load_the_same_model_offline(tiny_dir, monkey
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", spy)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    from_dir = load_clip(ClipSettings(model=f"local-dir:{tiny_dir}", pretrained=""))
-    from_file = load_clip(ClipSettings(model=TINY_NAME, pretrained=str(tiny_dir / "open_clip_model.safetensors")))
+    from_dir = load_clip(ClipSettings(model=f"local-dir:{tiny_clip_dir}", pretrained=""))
+    from_file = load_clip(ClipSettings(model=TINY_NAME, pretrained=str(tiny_clip_dir / "open_clip_model.safetensors")))
     import huggingface_hub.constants
 
     assert seen == [("1", True), ("1", True)]
@@ -132,9 +127,9 @@ def test_local_dir_and_weights_file_load_the_same_model_offline(tiny_dir, monkey
     assert abs(float(a.norm()) - 1.0) < 1e-5
 
 
-def test_populated_cache_loads_offline(tiny_dir, tmp_path):
-    name = populate_hub_cache(tmp_path / "cache", tiny_dir)
+def test_populated_cache_loads_offline(tiny_clip_dir, tmp_path):
+    name = populate_hub_cache(tmp_path / "cache", tiny_clip_dir)
     cached = load_clip(ClipSettings(model=name, pretrained="", cache_dir=str(tmp_path / "cache")))
-    local = load_clip(ClipSettings(model=f"local-dir:{tiny_dir}"))
+    local = load_clip(ClipSettings(model=f"local-dir:{tiny_clip_dir}"))
     image = [pattern_image(5)]
     assert float((cached.encode_images(image) - local.encode_images(image)).abs().max()) < 1e-6

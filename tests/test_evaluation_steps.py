@@ -13,21 +13,10 @@ from safetensors.torch import save_file
 
 from evaluation import evaluate_run, read_scores, settings_from_dict
 from search.cli import main
-from test_evaluation_run import SETTINGS_TOML, _toml, make_run, save
-from tiny_clip import build_tiny_clip, flat_image, pattern_image
+from sample_runs import SETTINGS_TOML, make_run, save
+from tiny_clip import flat_image, pattern_image
 
 STEP_CKPT = "demo-step00000003.safetensors"
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture()
-def settings(tmp_path, clip_dir):
-    base = settings_from_dict({**_toml(SETTINGS_TOML), "references": str(tmp_path / "refs")})
-    return base.with_overrides(clip_model=f"local-dir:{clip_dir}", clip_pretrained="")
 
 
 def lora_file(path: Path, epochs_done: int, steps: int) -> Path:
@@ -53,9 +42,9 @@ def step_run(root: Path) -> Path:
     return run
 
 
-def test_step_checkpoints_are_scored_in_training_order_and_can_be_best(tmp_path, settings):
+def test_step_checkpoints_are_scored_in_training_order_and_can_be_best(tmp_path, evaluator_settings):
     run = step_run(tmp_path)
-    scores = evaluate_run(run, settings)
+    scores = evaluate_run(run, evaluator_settings)
     assert [c.label for c in scores.checkpoints] == ["step 1", "epoch 1", "step 3", "epoch 2"]
     assert scores.best.label == "step 3" and scores.best.checkpoint == run / STEP_CKPT
     assert scores.best.epoch == 1  # saved after one completed epoch
@@ -65,9 +54,9 @@ def test_step_checkpoints_are_scored_in_training_order_and_can_be_best(tmp_path,
     assert scores.best.images[0].path == "demo_s00000003_00.png"
 
 
-def test_scores_json_keeps_epoch_entries_and_adds_steps_in_order(tmp_path, settings):
+def test_scores_json_keeps_epoch_entries_and_adds_steps_in_order(tmp_path, evaluator_settings):
     run = step_run(tmp_path)
-    evaluate_run(run, settings)
+    evaluate_run(run, evaluator_settings)
     data = json.loads((run / "scores.json").read_text())
     assert [c["label"] for c in data["checkpoints"]] == ["step 1", "epoch 1", "step 3", "epoch 2"]
     assert data["best"]["label"] == "step 3" and data["best"]["checkpoint"] == STEP_CKPT
@@ -83,9 +72,9 @@ def test_scores_json_keeps_epoch_entries_and_adds_steps_in_order(tmp_path, setti
     assert again[2].checkpoint == run / STEP_CKPT and again[0].checkpoint is None
 
 
-def test_old_scores_json_without_steps_reads_back(tmp_path, settings):
+def test_old_scores_json_without_steps_reads_back(tmp_path, evaluator_settings):
     run = step_run(tmp_path)
-    evaluate_run(run, settings)
+    evaluate_run(run, evaluator_settings)
     data = json.loads((run / "scores.json").read_text())
     old = {k: data[k] for k in ("best_epoch", "best_total", "weights", "clip_model")}
     old["epochs"] = [{k: v for k, v in e.items() if k not in ("step", "checkpoint")} for e in data["epochs"]]
@@ -94,11 +83,11 @@ def test_old_scores_json_without_steps_reads_back(tmp_path, settings):
                                                                           ("epoch 2", None, None)]
 
 
-def test_evaluate_cli_lists_steps_in_order_and_names_the_best_checkpoint(tmp_path, clip_dir, capsys):
+def test_evaluate_cli_lists_steps_in_order_and_names_the_best_checkpoint(tmp_path, tiny_clip_dir, capsys):
     run = step_run(tmp_path)
     config = tmp_path / "evaluator.toml"
     config.write_text(SETTINGS_TOML)
-    assert main(["evaluate", str(run), "--evaluator-config", str(config), "--clip-model", f"local-dir:{clip_dir}",
+    assert main(["evaluate", str(run), "--evaluator-config", str(config), "--clip-model", f"local-dir:{tiny_clip_dir}",
                  "--references", str(tmp_path / "refs")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[0] == "checkpoint"
@@ -107,32 +96,32 @@ def test_evaluate_cli_lists_steps_in_order_and_names_the_best_checkpoint(tmp_pat
     assert out[5].startswith("best step 3 (total ") and STEP_CKPT in out[5]
 
 
-def test_clip_scorer_keeps_step_entries_when_it_scores_an_epoch(tmp_path, settings, clip_dir):
+def test_clip_scorer_keeps_step_entries_when_it_scores_an_epoch(tmp_path, evaluator_settings, tiny_clip_dir):
     from search.scoring import ClipScorer
 
     run = step_run(tmp_path)
-    evaluate_run(run, settings)
+    evaluate_run(run, evaluator_settings)
     config = tmp_path / "evaluator.toml"
-    config.write_text(f'references = "{(tmp_path / "refs").as_posix()}"\n[clip]\nmodel = "local-dir:{clip_dir}"\n'
+    config.write_text(f'references = "{(tmp_path / "refs").as_posix()}"\n[clip]\nmodel = "local-dir:{tiny_clip_dir}"\n'
                       f'pretrained = ""\n' + SETTINGS_TOML)
     result = ClipScorer(config).score(run, run / "config.toml", 2, run / "demo.safetensors")
     assert result.epoch == 2
     assert [e.label for e in read_scores(run)] == ["step 1", "epoch 1", "step 3", "epoch 2"]
 
 
-def test_step_with_unknown_epochs_sorts_by_step_before_the_first_epoch(tmp_path, settings):
+def test_step_with_unknown_epochs_sorts_by_step_before_the_first_epoch(tmp_path, evaluator_settings):
     run = make_run(tmp_path, {1: [pattern_image(1)] * 3})
     for step in (5, 2):
         for index in range(3):
             save(pattern_image(2), run / "sample" / f"demo_s{step:08d}_{index:02d}.png")
     # No checkpoint records how many steps an epoch has: only the step number orders these.
-    scores = evaluate_run(run, settings)
+    scores = evaluate_run(run, evaluator_settings)
     assert [c.label for c in scores.checkpoints] == ["step 2", "step 5", "epoch 1"]
 
 
 @pytest.mark.slow
 def test_tiny_run_with_step_checkpoints_is_scored_in_order_and_missing_samples_generated(
-        tmp_path, make_config, clip_dir):
+        tmp_path, make_config, tiny_clip_dir):
     from training.trainer import train
 
     prompts = tmp_path / "prompts.txt"
@@ -153,7 +142,7 @@ def test_tiny_run_with_step_checkpoints_is_scored_in_order_and_missing_samples_g
     refs = tmp_path / "refs"
     save(pattern_image(1), refs / "ref.png")
     settings = settings_from_dict({"references": str(refs)}).with_overrides(
-        clip_model=f"local-dir:{clip_dir}", clip_pretrained="")
+        clip_model=f"local-dir:{tiny_clip_dir}", clip_pretrained="")
     scores = evaluate_run(run, settings)
     order = ["step 1", "step 2", "epoch 1", "step 3", "step 4", "epoch 2"]
     assert [c.label for c in scores.checkpoints] == order
@@ -178,7 +167,7 @@ def test_tiny_run_with_step_checkpoints_is_scored_in_order_and_missing_samples_g
     for index in (0, 1):
         (run / "sample" / f"lora_e000001_{index:02d}.png").unlink()
     evaluator_config = tmp_path / "evaluator.toml"
-    evaluator_config.write_text(f'references = "{refs.as_posix()}"\n[clip]\nmodel = "local-dir:{clip_dir}"\n'
+    evaluator_config.write_text(f'references = "{refs.as_posix()}"\n[clip]\nmodel = "local-dir:{tiny_clip_dir}"\n'
                                 'pretrained = ""\n')
     result = ClipScorer(evaluator_config).score(run, run / "config.toml", 1, run / "lora-000001.safetensors")
     assert result.total == pytest.approx(by_label["epoch 1"].total, abs=1e-3)  # the same images again

@@ -8,27 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from evaluation import load_clip, verify_dataset
-from evaluation.settings import ClipSettings
+from evaluation import verify_dataset
+from sample_runs import save
 from search.cli import main
-from tiny_clip import build_tiny_clip, flat_image, pattern_image
+from tiny_clip import flat_image, pattern_image
 from training.errors import LoraSearchError
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def clip(clip_dir):
-    return load_clip(ClipSettings(model=f"local-dir:{clip_dir}", pretrained=""))
-
-
-def save(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
 
 
 def make_dataset(root: Path) -> tuple[Path, Path]:
@@ -45,9 +29,9 @@ def make_dataset(root: Path) -> tuple[Path, Path]:
     return data, refs
 
 
-def test_copy_of_a_reference_passes_and_a_different_image_fails(tmp_path, clip):
+def test_copy_of_a_reference_passes_and_a_different_image_fails(tmp_path, tiny_clip_model):
     data, refs = make_dataset(tmp_path)
-    report = verify_dataset(data, refs, clip, threshold=0.99)
+    report = verify_dataset(data, refs, tiny_clip_model, threshold=0.99)
     by_name = {c.path.name: c for c in report.checks}
     assert by_name["good.png"].passed and by_name["good.png"].best_similarity == pytest.approx(1.0, abs=1e-5)
     assert by_name["good.png"].best_reference.name == "b.png"
@@ -59,11 +43,11 @@ def test_copy_of_a_reference_passes_and_a_different_image_fails(tmp_path, clip):
     assert (data / "10_ohwx" / "bad.png").is_file()  # nothing moved without --move-rejected
 
 
-def test_rejected_images_move_with_captions_and_never_overwrite(tmp_path, clip):
+def test_rejected_images_move_with_captions_and_never_overwrite(tmp_path, tiny_clip_model):
     data, refs = make_dataset(tmp_path)
     rejected = tmp_path / "rejected"
     save(flat_image((1, 2, 3)), rejected / "10_ohwx" / "bad.png")  # an earlier rejection of the same name
-    report = verify_dataset(data, refs, clip, threshold=0.99, move_rejected=rejected)
+    report = verify_dataset(data, refs, tiny_clip_model, threshold=0.99, move_rejected=rejected)
     assert not (data / "10_ohwx" / "bad.png").exists() and not (data / "10_ohwx" / "bad.txt").exists()
     assert (data / "10_ohwx" / "good.png").is_file() and (data / "10_ohwx" / "good.txt").is_file()
     moved = rejected / "10_ohwx"
@@ -74,25 +58,25 @@ def test_rejected_images_move_with_captions_and_never_overwrite(tmp_path, clip):
     assert [c.moved_to for c in report.checks if not c.passed] == [moved / "bad-1.png"]
 
 
-def test_bad_inputs_are_clear_errors(tmp_path, clip):
+def test_bad_inputs_are_clear_errors(tmp_path, tiny_clip_model):
     data, refs = make_dataset(tmp_path)
     with pytest.raises(LoraSearchError, match="reference folder .*missing not found"):
-        verify_dataset(data, tmp_path / "missing", clip)
+        verify_dataset(data, tmp_path / "missing", tiny_clip_model)
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoraSearchError, match="dataset folder .*empty has no images"):
-        verify_dataset(tmp_path / "empty", refs, clip)
+        verify_dataset(tmp_path / "empty", refs, tiny_clip_model)
     with pytest.raises(LoraSearchError, match="--threshold 2"):
-        verify_dataset(data, refs, clip, threshold=2)
+        verify_dataset(data, refs, tiny_clip_model, threshold=2)
 
 
-def test_verify_dataset_cli(tmp_path, clip_dir, capsys):
+def test_verify_dataset_cli(tmp_path, tiny_clip_dir, capsys):
     data, refs = make_dataset(tmp_path)
     report = tmp_path / "report.csv"
-    code = main(["verify-dataset", str(data), "--references", str(refs), "--clip-model", f"local-dir:{clip_dir}",
+    code = main(["verify-dataset", str(data), "--references", str(refs), "--clip-model", f"local-dir:{tiny_clip_dir}",
                  "--threshold", "0.99", "--move-rejected", str(tmp_path / "out"), "--report", str(report)])
     out = capsys.readouterr().out
     assert code == 0 and "1 of 2 passed (threshold 0.99)" in out and report.is_file()
     assert (tmp_path / "out" / "10_ohwx" / "bad.png").is_file()
     assert main(["verify-dataset", str(tmp_path / "nope"), "--references", str(refs),
-                 "--clip-model", f"local-dir:{clip_dir}"]) == 2
+                 "--clip-model", f"local-dir:{tiny_clip_dir}"]) == 2
     assert "dataset folder" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_dataset
+from helpers import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-4

@@ -22,7 +22,7 @@ from search.space import apply_params, load_search_space
 from helpers import lr_curve
 from search.trial_config import load_base_values
 from study_fixtures import REPO
-from training.config import ConfigError, config_from_dict, kohya_argument_names
+from training.config import ConfigError, config_from_dict, kohya_argument_names, load_training_config, write_config
 
 SD_SCRIPTS_SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                          "constant_with_warmup", "piecewise_constant"}
@@ -95,3 +95,28 @@ def test_check_names_the_fix_for_constant_with_warmup(tmp_path):
                           cwd=REPO)
     assert done.returncode == 2
     assert "constant_with_warmup" in done.stderr + done.stdout
+
+
+def sd_scripts_reads(path) -> dict:
+    """The flat arguments sd-scripts' ``read_config_from_file`` takes from a config: ``toml.load``, then
+    every section's keys merged into one namespace."""
+    toml = pytest.importorskip("toml")  # the parser sd-scripts uses (a dev dependency here)
+    with open(path, encoding="utf-8") as f:
+        loaded = toml.load(f)
+    flat = {}
+    for name, section in loaded.items():
+        flat.update(section if isinstance(section, dict) else {name: section})
+    return flat
+
+
+def test_written_configs_mean_the_same_to_sd_scripts_and_round_trip(tmp_path):
+    awkward = {"output_dir": "C:\\Users\\ana\\loras\\trial \"7\"", "output_name": "zoë-ß_v2",
+               "train_data_dir": str(tmp_path / "data set" / "10_ohwx"), "learning_rate": 7.5e-05,
+               "unet_lr": 1e-4, "text_encoder_lr": 3.3e-05, "noise_offset": 0.0357, "network_alpha": 54.0,
+               "optimizer_args": ["weight_decay=0.01", "betas=(0.9,0.99)", "eps=1e-08"] * 4,
+               "network_args": [], "shuffle_caption": True, "flip_aug": False,
+               "sample_prompts": "prompts/validation.txt", "seed": 2**40}
+    values = apply_params({**BASE, **awkward}, SAFE_POINT)
+    path = write_config(tmp_path / "trial_0007" / "config.toml", values, header="# trial 7")
+    assert sd_scripts_reads(path) == values
+    assert load_training_config(path).to_dict() == config_from_dict(values).to_dict()

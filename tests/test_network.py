@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny_models
 from helpers import lr_curve
 from training.errors import ConfigError, LoraSearchError
 
@@ -141,13 +142,33 @@ def test_load_rejects_a_lora_for_another_network(tiny_sd15_dir, tmp_path):
     pipe = _pipeline(tiny_sd15_dir)
     net = _lora_network(pipe)
     path = net.save(tmp_path / "a.safetensors", {})
-    unet_only = LoraNetwork(_pipeline(tiny_sd15_dir).unet, [], dim=4, alpha=2, train_text_encoder=False)
-    with pytest.raises(LoraSearchError, match="does not match"):
-        unet_only.load(path)
+    other = _pipeline(tiny_sd15_dir)
+    unet_only = LoraNetwork(other.unet, [other.text_encoder], dim=4, alpha=2, train_text_encoder=False)
+    unet_only_path = unet_only.save(tmp_path / "unet.safetensors", {})
+    with pytest.raises(LoraSearchError, match="does not match .*lora_te_text_model"):
+        _lora_network(_pipeline(tiny_sd15_dir)).load(unet_only_path)  # its text-encoder modules are missing
     fresh = _pipeline(tiny_sd15_dir)
     wrong_rank = LoraNetwork(fresh.unet, [fresh.text_encoder], dim=8, alpha=2)
     with pytest.raises(LoraSearchError, match="network_dim"):
         wrong_rank.load(path)
+
+
+def test_a_full_lora_starts_a_one_part_network_with_its_part(tiny_sd15_dir, tmp_path):
+    """As sd-scripts' ``network_weights``: the modules of the model that is not trained are skipped."""
+    from safetensors.torch import load_file
+
+    from training.network import LoraNetwork
+
+    full = _lora_network(_pipeline(tiny_sd15_dir))
+    _randomize(full)
+    path = full.save(tmp_path / "full.safetensors", {})
+    pipe = _pipeline(tiny_sd15_dir)
+    te_only = LoraNetwork(pipe.unet, [pipe.text_encoder], dim=4, alpha=2.0, train_unet=False)
+    te_only.load(path)
+    saved = load_file(str(te_only.save(tmp_path / "te.safetensors", {})))
+    assert saved.keys() == {k for k in load_file(str(path)) if k.startswith("lora_te_")}
+    assert all(torch.equal(v, full.kohya_state_dict()[k]) for k, v in saved.items())
+    assert not any(p.requires_grad for p in pipe.unet.parameters())  # the untrained UNet is frozen
 
 
 # --- model loading -----------------------------------------------------------------------------------
@@ -166,6 +187,20 @@ def test_load_models_sdxl_folder_and_separate_vae(tiny_sdxl_dir, tiny_sd15_dir, 
     models = load_models(make_config(pretrained_model_name_or_path=str(tiny_sdxl_dir), vae=str(tiny_sd15_dir)))
     assert models.is_sdxl and len(models.tokenizers) == 2 and models.base_model_version == "sdxl_base_v1-0"
     assert list(models.vae.config.block_out_channels) == [8, 16, 16]  # the separate (SD 1.x) VAE
+
+
+def test_a_tokenizer_without_model_max_length_uses_the_text_encoders_77(tiny_sd15_dir, tmp_path, make_config):
+    from training.models import encode_captions, load_models
+
+    plain = load_models(make_config())
+    bare_dir = tiny_models.copy_without_tokenizer_length(tiny_sd15_dir, tmp_path / "no-max-length")
+    bare = load_models(make_config(pretrained_model_name_or_path=str(bare_dir)))
+    assert bare.tokenizers[0].model_max_length == 77
+    captions = ["ohwx, a red cat", "ohwx, " + ", ".join(["a long caption"] * 40)]
+    for max_token_length in (None, 225):
+        ours, _ = encode_captions(bare, captions, torch.device("cpu"), max_token_length=max_token_length)
+        expected, _ = encode_captions(plain, captions, torch.device("cpu"), max_token_length=max_token_length)
+        torch.testing.assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("kind", ["missing", "folder", "text", "keys"])
@@ -265,8 +300,6 @@ def test_cosine_with_restarts_restarts_num_cycles_times(make_config):
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_load_models_from_a_single_original_layout_file(kind, tmp_path, make_config, monkeypatch):
-    import tiny_models
-
     from training import models as models_module
 
     build, save = ((tiny_models.build_tiny_sd15, tiny_models.save_tiny_sd15_single_file) if kind == "sd1"

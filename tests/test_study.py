@@ -213,13 +213,14 @@ def test_bad_storage_url_is_one_clear_line(project, capsys):
 
 
 def test_configs_over_the_gpu_budget_are_rejected_before_training(project):
-    import toml
+    import tomllib
+    import tomli_w
 
     cfg = make_project(project, n_trials=3)
     space_path = project / "configs" / "search_space.toml"
-    space = toml.loads(space_path.read_text())
+    space = tomllib.loads(space_path.read_text())
     space["train_batch_size"] = {"choices": [1, 8]}  # batch 8 at 512px needs far more than 10 GB
-    space_path.write_text(toml.dumps(space))
+    space_path.write_text(tomli_w.dumps(space))
     settings = load_settings(cfg)
     settings.study.gpu_memory_gb = 10
     worker = Worker(settings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import toml
+import tomli_w
 
 import toyworld
 from evaluation import load_settings as load_evaluator_settings
@@ -64,7 +64,7 @@ def _train_and_score(root: Path, lr: float, epochs: int = 6) -> list:
     base = toy_base_config(paths, learning_rate=lr, unet_lr=lr, text_encoder_lr=lr / 2, max_train_epochs=epochs,
                            network_dim=16, network_alpha=8, output_dir=str(out))
     train(config_from_dict(flatten_sections(base, "toy config"), "toy config"))
-    (paths.configs / "evaluator.toml").write_text(toml.dumps(toy_evaluator_config(paths)))
+    (paths.configs / "evaluator.toml").write_text(tomli_w.dumps(toy_evaluator_config(paths)))
     settings = load_evaluator_settings(paths.configs / "evaluator.toml")
     return evaluate_run(out, settings).checkpoints
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import write_dataset
+from helpers import write_dataset
 from training.errors import LoraSearchError
 
 
@@ -20,9 +20,9 @@ class Stop(Exception):
 
 
 def _write_toml(path: Path, values: dict) -> Path:
-    import toml
+    import tomli_w
 
-    path.write_text(toml.dumps({"all": values}), encoding="utf-8")
+    path.write_text(tomli_w.dumps({"all": values}), encoding="utf-8")
     return path
 
 
@@ -92,6 +92,27 @@ def test_trained_file_matches_the_trainers_network_in_diffusers(make_config, tin
     x, t, hidden = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, hidden).sample, models.unet(x, t, hidden).sample)
+
+
+@pytest.mark.parametrize("only, prefix, modules", [("network_train_text_encoder_only", "lora_te", 12),
+                                                   ("network_train_unet_only", "lora_unet", 48)])
+def test_a_file_holds_only_the_trained_part_and_loads_in_diffusers(make_config, tiny_sd15_dir, only, prefix,
+                                                                   modules):
+    """sd-scripts saves only what it trained; an untrained part would be all-zero ``lora_up`` weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from training import train
+
+    state = load_file(str(train(make_config(max_train_epochs=1, **{only: True})).checkpoint))
+    names = {key.split(".")[0] for key in state}
+    assert len(names) == modules and all(name.startswith(prefix + "_") for name in names)
+    assert set(state) == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert all(state[f"{n}.lora_up.weight"].abs().sum() > 0 for n in names)  # every saved module trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    pipe.load_lora_weights(state)
+    with_lora = {"lora_unet": pipe.unet, "lora_te": pipe.text_encoder}
+    assert [m for m in with_lora.pop(prefix).modules() if hasattr(m, "lora_A")]
+    assert not [m for m in with_lora.popitem()[1].modules() if hasattr(m, "lora_A")]
 
 
 def _resume_config(make_config, out: Path, workers: int = 0):

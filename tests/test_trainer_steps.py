@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import write_dataset
+from helpers import write_dataset
 
 
 class Stop(Exception):

@@ -1,7 +1,9 @@
-"""Build a tiny random-weight open_clip model and save it as a ``local-dir:`` folder.
+"""Build a tiny random-weight open_clip model and save it as a ``local-dir:`` folder, and test images.
 
 The folder has the layout of a real model downloaded from Hugging Face (``open_clip_config.json`` plus
-``open_clip_model.safetensors``), so tests load it through the same code path as a user's model.
+``open_clip_model.safetensors``), so tests load it through the same code path as a user's model. Its
+embeddings are random projections: fine for exercising the pipeline, useless for judging images (the
+demo uses the trained toy CLIP in ``toyworld/``).
 """
 
 from __future__ import annotations
@@ -9,10 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evaluation.tiny import TINY_CLIP_CFG as TINY_CFG
-from evaluation.tiny import save_tiny_clip
+from PIL import Image
 
 TINY_NAME = "lora-search-tiny-clip"
+TINY_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+# open_clip's defaults (OpenAI CLIP normalization)
+PREPROCESS_CFG = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 
 
 def register_tiny_config(folder: Path) -> str:
@@ -26,6 +34,21 @@ def register_tiny_config(folder: Path) -> str:
     return TINY_NAME
 
 
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """Write the tiny model (fixed seed) into ``folder`` as a local-dir model; returns ``folder``."""
+    import torch
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = CLIP(**TINY_CFG)
+    config = {"model_cfg": TINY_CFG, "preprocess_cfg": PREPROCESS_CFG}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
 def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """Write a tiny open_clip model (random weights, fixed seed) as a local-dir folder; returns it.
 
@@ -35,26 +58,17 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     return save_tiny_clip(folder / "tiny-clip", seed)
 
 
-def save_weights_file(folder: Path, seed: int = 0) -> Path:
-    """The tiny model's weights as a single file, for the ``model name + weights file`` path."""
-    local_dir = build_tiny_clip(folder, seed)
-    return local_dir / "open_clip_model.safetensors"
-
-
-def pattern_image(seed: int, size: int = 64, cells: int = 8) -> "Image.Image":
+def pattern_image(seed: int, size: int = 64, cells: int = 8) -> Image.Image:
     """A colourful block pattern (sharp edges, full range), different for each seed."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     blocks = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
     return Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
 
 
-def flat_image(color: tuple[int, int, int], size: int = 64) -> "Image.Image":
+def flat_image(color: tuple[int, int, int], size: int = 64) -> Image.Image:
     """A single-colour image."""
-    from PIL import Image
-
     return Image.new("RGB", (size, size), color)
 
 

@@ -131,3 +131,17 @@ def save_tiny_sdxl_single_file(path: str | Path, pipe=None) -> Path:
     state.update(open_clip_text_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def copy_without_tokenizer_length(folder: str | Path, target: str | Path) -> Path:
+    """A copy of a diffusers folder whose tokenizer configs lack ``model_max_length`` (as some
+    community conversions ship them); returns ``target``."""
+    import json
+    import shutil
+
+    target = Path(shutil.copytree(folder, target))
+    for config in target.glob("tokenizer*/tokenizer_config.json"):
+        values = json.loads(config.read_text(encoding="utf-8"))
+        values.pop("model_max_length", None)
+        config.write_text(json.dumps(values), encoding="utf-8")
+    return target

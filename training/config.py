@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import toml
+import tomli_w
 
 from training.atomic import atomic_write_text
 from training.errors import ConfigError
@@ -364,7 +364,7 @@ def dumps_config(values: dict[str, Any], header: str = "") -> str:
             continue
         section = FIELDS[key].metadata["section"] if key in FIELDS else "training"
         groups[section][key] = value
-    body = toml.dumps({name: items for name, items in groups.items() if items})
+    body = tomli_w.dumps({name: items for name, items in groups.items() if items})
     return (header + "\n" if header else "") + body
 
 

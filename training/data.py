@@ -443,39 +443,3 @@ class TrainDataset:
         return {"original_hw": [(self.items[i].height, self.items[i].width) for i in indices],
                 "crop_top_left": [fit.crop_top_left for fit in fits],
                 "target_hw": [(fit.bucket[1], fit.bucket[0]) for fit in fits]}
-
-
-class _EpochView:
-    """Batch ``start + i`` of one epoch as item ``i``, so a DataLoader can prepare batches in workers."""
-
-    def __init__(self, dataset: TrainDataset, batches: list[list[int]], seed: int, epoch: int, start: int,
-                 latents: Optional[Sequence["torch.Tensor"]], flipped: Optional[Sequence["torch.Tensor"]]) -> None:
-        self.dataset, self.batches, self.seed, self.epoch, self.start = dataset, batches, seed, epoch, start
-        self.latents, self.flipped = latents, flipped
-
-    def __len__(self) -> int:
-        return max(0, len(self.batches) - self.start)
-
-    def __getitem__(self, i: int) -> Batch:
-        batch_no = self.start + i
-        return self.dataset.make_batch(self.batches[batch_no], self.seed, self.epoch, batch_no,
-                                       self.latents, self.flipped)
-
-
-def _as_is(batch: Batch) -> Batch:
-    return batch
-
-
-def batch_loader(dataset: TrainDataset, batch_size: int, seed: int, epoch: int, *, start_batch: int = 0,
-                 latents: Optional[Sequence["torch.Tensor"]] = None,
-                 flipped_latents: Optional[Sequence["torch.Tensor"]] = None, num_workers: int = 0):
-    """A ``torch.utils.data.DataLoader`` over the :class:`Batch` es of ``epoch``, from ``start_batch`` on.
-
-    The same batches :meth:`TrainDataset.make_batch` gives, in :func:`epoch_batches` order; a run resumed
-    mid-epoch passes the number of batches it already trained as ``start_batch``.
-    """
-    from torch.utils.data import DataLoader
-
-    view = _EpochView(dataset, dataset.epoch_batches(batch_size, seed, epoch), seed, epoch, start_batch,
-                      latents, flipped_latents)
-    return DataLoader(view, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_as_is)

@@ -75,10 +75,20 @@ def load_models(cfg: TrainingConfig, dtype: torch.dtype = torch.float32) -> SDMo
 def _from_pipeline(pipe: Any, source: str) -> SDModels:
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        _fit_tokenizer_length(tokenizer, encoder)
     return SDModels(
         unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
         scheduler_config=dict(pipe.scheduler.config), is_sdxl=len(encoders) == 2, source=source,
     )
+
+
+def _fit_tokenizer_length(tokenizer: Any, encoder: Any) -> None:
+    """A tokenizer config without ``model_max_length`` reads as a huge sentinel in transformers, which
+    overflows the tokenizer's padding; the text encoder's position count (77 for CLIP) is the real window."""
+    positions = encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        tokenizer.model_max_length = positions
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> Any:

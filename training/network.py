@@ -46,11 +46,10 @@ def target_module_names(model: nn.Module, containers: Iterable[str]) -> list[str
 
 @dataclass
 class LoraPart:
-    """One model that carries LoRA layers, with its kohya name prefix."""
+    """One trained model that carries LoRA layers, with its kohya name prefix."""
 
     prefix: str  # lora_unet, lora_te, lora_te1, lora_te2
     model: nn.Module
-    trained: bool
 
 
 class LoraNetwork:
@@ -64,9 +63,12 @@ class LoraNetwork:
         self.alpha = float(alpha) if alpha else float(dim)
         self.dropout = float(dropout or 0.0)
         te_prefixes = ["lora_te"] if len(text_encoders) == 1 else ["lora_te1", "lora_te2"]
-        self.parts = [LoraPart("lora_unet", unet, train_unet)]
+        # Only trained models get LoRA layers, so the file holds only what was trained (as sd-scripts saves).
+        self.parts = [LoraPart("lora_unet", unet)] if train_unet else []
         if train_text_encoder:
-            self.parts += [LoraPart(p, te, True) for p, te in zip(te_prefixes, text_encoders)]
+            self.parts += [LoraPart(p, te) for p, te in zip(te_prefixes, text_encoders)]
+        for model in (unet, *text_encoders):
+            model.requires_grad_(False)
         self._sgm_layers = unet.config.layers_per_block if sgm_names else None
         for part in self.parts:
             self._inject(part)
@@ -87,7 +89,7 @@ class LoraNetwork:
                             init_lora_weights=True)
         inject_adapter_in_model(config, part.model, adapter_name=ADAPTER)
         for name, param in part.model.named_parameters():
-            param.requires_grad_(part.trained and "lora_" in name)
+            param.requires_grad_("lora_" in name)
         for module in self._lora_layers(part.model):
             # Autocast (or equal dtypes without it) already matches the input to the LoRA weights; peft's own
             # cast would copy every input to float32 and back, an extra pass over each activation.
@@ -126,7 +128,7 @@ class LoraNetwork:
     def trainable_parameters(self, prefixes: Iterable[str]) -> list[nn.Parameter]:
         """LoRA parameters of the parts whose prefix is in ``prefixes``, in a stable order."""
         wanted = set(prefixes)
-        return [param for part in self.parts if part.prefix in wanted and part.trained
+        return [param for part in self.parts if part.prefix in wanted
                 for name, param in part.model.named_parameters() if "lora_" in name]
 
     def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
@@ -173,10 +175,15 @@ class LoraNetwork:
         return out
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str = "LoRA file") -> None:
-        """Copy kohya-named LoRA weights into the network; every module must be present and match."""
+        """Copy kohya-named LoRA weights into the network; every module must be present and match.
+
+        Modules of a model this network does not train (a full LoRA as the start of a text-encoder-only
+        run) are skipped, as sd-scripts skips them.
+        """
         modules = {part.prefix: dict(part.model.named_modules()) for part in self.parts}
         missing = [k for k in self._names if f"{k}.lora_down.weight" not in state]
-        unexpected = sorted({k.split(".")[0] for k in state} - set(self._names))
+        ours = tuple(f"{part.prefix}_" for part in self.parts)
+        unexpected = sorted({k.split(".")[0] for k in state if k.startswith(ours)} - set(self._names))
         if missing or unexpected:
             raise LoraSearchError(f"{source} does not match this network ({len(missing)} modules missing, "
                                   f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]}); "

@@ -273,7 +273,7 @@ def _build_optimization(run: _Run) -> None:
 
 
 def _trains_text_encoder(run: _Run) -> bool:
-    return any(part.prefix != "lora_unet" and part.trained for part in run.network.parts)
+    return any(part.prefix != "lora_unet" for part in run.network.parts)
 
 
 def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:

@@ -17,19 +17,24 @@ from typing import Optional, Sequence
 
 from training.errors import LoraSearchError
 
+DEBUG_HELP = "show the traceback of an error"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-search",
         description="Optuna TPE search over kohya-style LoRA hyperparameters for Stable Diffusion.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         module.register(subparsers)
+    for subparser in subparsers.choices.values():
+        # After the subcommand too; SUPPRESS leaves a --debug given before the subcommand in place.
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 

@@ -57,14 +57,32 @@ class _CurrentStdout(logging.StreamHandler):
         pass
 
 
+class _LineFormatter(logging.Formatter):
+    """``time message``; a warning or an error says which (``time warning: message``)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.levelno < logging.WARNING:
+            return super().formatMessage(record)
+        return f"{record.asctime} {record.levelname.lower()}: {record.message}"
+
+
+PACKAGES = ("search", "training", "evaluation")
+
+
 def setup_logging(verbose: bool = True) -> None:
-    """Progress lines of lora-search's own packages on stdout; libraries keep their default (warnings)."""
+    """Print every log line once, on stdout: lora-search's progress, and the warnings of libraries that log
+    through the standard loggers (diffusers and transformers keep their own stderr handler).
+
+    The one handler sits on the root logger. A handler there also keeps a library's ``logging.info()``
+    call (open_clip makes them while loading CLIP) from installing Python's default stderr handler,
+    which would print each line a second time.
+    """
     handler = _CurrentStdout()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    for name in ("search", "training", "evaluation"):
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setFormatter(_LineFormatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _CurrentStdout)] + [handler]
+    for name in PACKAGES:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

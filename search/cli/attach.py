@@ -10,7 +10,10 @@ from search.cli._common import add_socket_option
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("attach", help="attach to the study's tmux session (Ctrl-b d detaches)")
+    parser = subparsers.add_parser(
+        "attach", help="attach to the study's tmux session (Ctrl-b d detaches)",
+        description="Attach this terminal to the tmux session lora-search start launched: one window per "
+                    "worker and a monitor window. Ctrl-b d detaches and leaves the study running.")
     add_study_options(parser)
     add_socket_option(parser)
     parser.set_defaults(func=run)

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
                     "(configs/evaluator.toml); an epoch or step checkpoint without samples is sampled first with "
                     "the run's prompt file. Writes RUN_DIR/scores.json and RUN_DIR/contact_sheet_*.png "
                     "and prints a table in training order.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                        help="a training run's output_dir (a trial folder runs/<study>/trial_NNNN works too)")
     add_evaluator_options(parser)
     parser.set_defaults(func=run)
 

@@ -9,7 +9,12 @@ from search.cli._common import add_study_options, settings_from_args
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="write the best (or a named) trial as a complete training config")
+    parser = subparsers.add_parser(
+        "export", help="write the best (or a named) trial as a complete training config",
+        description="Write the values the best complete trial (or --trial N) trained with, merged with the "
+                    "base config's output paths, as a training config that sd-scripts' train_network.py and "
+                    "lora-search train accept. Its header records the score, the best epoch and how it "
+                    "compares with the baseline. Nothing is written when the study has no such trial.")
     add_study_options(parser)
     parser.add_argument("--out", required=True, metavar="FILE.toml", help="where to write the config")
     parser.add_argument("--trial", type=int, default=None, metavar="N", help="trial number (default: the best)")

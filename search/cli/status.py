@@ -8,7 +8,11 @@ from search.cli._common import add_socket_option, add_study_options, settings_fr
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("status", help="table of trials: state, params, score, best epoch, prune reason")
+    parser = subparsers.add_parser(
+        "status", help="table of trials: state, params, score, best epoch, prune reason",
+        description="Print one row per trial (state, sampled params, VRAM estimate, score, best epoch, why "
+                    "it was pruned or failed), the constraint rejections, the best trial and the worker "
+                    "windows of the tmux session.")
     add_study_options(parser)
     add_socket_option(parser)
     parser.set_defaults(func=run)

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         description="An image passes when its best CLIP similarity to any reference image is at least the "
                     "threshold. Writes a CSV report (default DATA_DIR/clip_verify_report.csv); "
                     "--move-rejected moves failures and their caption files out; nothing is deleted.")
-    parser.add_argument("data_dir", metavar="DATA_DIR", type=Path)
+    parser.add_argument("data_dir", metavar="DATA_DIR", type=Path,
+                        help="dataset folder; its images are found in sub-folders too (N_name kohya layout)")
     add_evaluator_options(parser)
     parser.add_argument("--threshold", type=float, default=None,
                         help="best cosine to any reference needed to pass (default: verify_threshold, 0.75)")
