@@ -34,6 +34,7 @@ from search.backends import make_backend
 from search.backends.base import TrainerBackend
 from search.baseline import queue_baseline
 from search.constraints import describe, violations
+from search.curves import TrialCurves
 from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.notes import outcome_note, rejection_note, save_trial_note
 from search.scoring import CheckpointScorer, EpochScore, make_scorer
@@ -167,6 +168,7 @@ class TrialRun:
     best_checkpoint: Optional[Path] = None
     started: float = dataclasses.field(default_factory=time.time)
     first_epoch: Optional[int] = None
+    curves: Optional[TrialCurves] = None  # score events and dashboard plots, refreshed each epoch
 
     def progress(self, epoch: int) -> None:
         """Record the finished epoch and when, for ``status`` (epoch k of n, ETA)."""
@@ -323,7 +325,7 @@ class Worker:
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         trial.set_user_attr("config", values)
         run = TrialRun(trial, run_dir, config_path, self.settings.study.direction == "maximize",
-                       epochs=cfg.max_train_epochs)
+                       epochs=cfg.max_train_epochs, curves=TrialCurves(trial, run_dir, cfg, self.artifact_dir()))
         try:
             with heartbeat(self.study, trial), trial_log(run_dir / "train.log"):
                 log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
@@ -343,6 +345,8 @@ class Worker:
             if not isinstance(exc, LoraSearchError):
                 log.exception("trial %d crashed", trial.number)
             return self._fail(trial, str(exc) if isinstance(exc, LoraSearchError) else f"{type(exc).__name__}: {exc}")
+        finally:
+            run.curves.close()
         if run.best_score is None:
             return self._fail(trial, "training ended without a scored checkpoint; set save_every_n_epochs")
         self.study.tell(trial, run.best_score)
@@ -379,6 +383,8 @@ class Worker:
         run.progress(epoch)
         if checkpoint is not None and str(epoch) not in run.trial.user_attrs.get("epoch_scores", {}):
             self._score(run, epoch, checkpoint)  # (an epoch scored before a crash keeps its inherited score)
+        else:
+            self._refresh_curves(run)
         if self.stop_requested:
             raise StopRequested(f"stop requested after epoch {epoch}")
 
@@ -388,10 +394,22 @@ class Worker:
             raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")
         run.record(result, checkpoint)
         self._upload(run, result)
+        if run.curves is not None:
+            run.curves.scored(epoch, result.total, result.components, result.images)
+        self._refresh_curves(run)
         run.trial.report(result.total, epoch)
         log.info("trial %d epoch %d score %.4f", run.trial.number, epoch, result.total)
         if run.trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch} score {result.total:.4f}")
+
+    def _refresh_curves(self, run: TrialRun) -> None:
+        """Redraw the trial's plots; a plot that cannot be drawn is logged, never a reason to fail the trial."""
+        if run.curves is None:
+            return
+        try:
+            run.curves.refresh()
+        except Exception as exc:  # matplotlib, a torn event file: the training matters more than its picture
+            log.warning("trial %d: curves not drawn (%s: %s)", run.trial.number, type(exc).__name__, exc)
 
     def _upload(self, run: TrialRun, result: EpochScore) -> None:
         if not result.images:

@@ -3,7 +3,8 @@
 It reads the TOML given with --config_file the way sd-scripts does (sections flattened), "trains" for
 max_train_epochs (sleeping FAKE_EPOCH_SECONDS per epoch), writes {output_name}-{epoch:06d}.safetensors
 every save_every_n_epochs before the last epoch and {output_name}.safetensors at the end, and appends
-its output_dir to $FAKE_TRAIN_LOG so tests can see which trials ran.
+its output_dir to $FAKE_TRAIN_LOG so tests can see which trials ran. With $FAKE_TB set it logs to
+TensorBoard as sd-scripts does: ``logging_dir/<log_prefix><timestamp>/network_train``, kohya's tag names.
 """
 
 import argparse
@@ -29,8 +30,34 @@ if os.environ.get("FAKE_TRAIN_LOG"):
 if os.environ.get("FAKE_TRAIN_FAIL") and os.environ["FAKE_TRAIN_FAIL"] in str(out):
     print(os.environ.get("FAKE_TRAIN_FAIL_MESSAGE", "CUDA error: simulated crash"), file=sys.stderr)
     sys.exit(3)
+
+
+def tensorboard_log():
+    if not (os.environ.get("FAKE_TB") and flat.get("logging_dir")):
+        return None
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    folder = Path(flat["logging_dir"]) / (flat.get("log_prefix", "") + time.strftime("%Y%m%d%H%M%S")) / "network_train"
+    return EventFileWriter(str(folder))
+
+
+def log_scalars(writer, values, step):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+    writer.add_event(Event(step=step, wall_time=time.time(), summary=summary))
+
+
+writer, steps_per_epoch = tensorboard_log(), 3
 for epoch in range(1, epochs + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_SECONDS", "0.01")))
+    if writer is not None:
+        for step in range((epoch - 1) * steps_per_epoch + 1, epoch * steps_per_epoch + 1):
+            log_scalars(writer, {"loss/current": 0.2 / step, "loss/average": 0.2 / step, "lr/unet": 1e-4,
+                                 "lr/textencoder": 5e-5}, step)
+        log_scalars(writer, {"loss/epoch_average": 0.2 / epoch}, epoch)
+        writer.flush()
     if epoch % every == 0 and epoch < epochs:
         (out / f"{name}-{epoch:06d}.safetensors").write_bytes(b"epoch %d" % epoch)
     print(f"epoch {epoch}/{epochs} done", flush=True)
