@@ -6,7 +6,8 @@ Every epoch of a trained trial (after it is scored, before the pruner may stop i
   ``score/total`` and ``score/<component>`` at x = epoch, with the contact sheet as
   ``samples/contact_sheet``; through the built-in trainer's own writer when it runs in this process,
   so the trial stays one run in one event file at a time;
-- two PNGs are drawn into the trial folder and replace the trial's previous ones in optuna-dashboard:
+- two PNGs are drawn into the trial folder and shown in optuna-dashboard as two artifacts of the
+  trial, uploaded at the first epoch and rewritten in place (same artifact, new picture) after each:
   ``curves.png`` (loss per step with its moving average, learning rate per parameter group, read
   back from the event files, so the kohya backend's curves show too) and ``scores.png`` (the
   total and each component per epoch, the best epoch marked).
@@ -16,8 +17,8 @@ Plots are drawn with matplotlib's Agg backend (no display needed) and written at
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,8 +28,6 @@ from training.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 CURVES_PNG, SCORES_PNG = "curves.png", "scores.png"
-# Where optuna keeps a trial artifact's metadata (optuna.artifacts' own key prefix).
-ARTIFACT_ATTR_PREFIX = "artifacts:"
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -121,7 +120,7 @@ class TrialCurves:
         self.trial, self.run_dir, self.artifact_dir = trial, Path(run_dir), Path(artifact_dir)
         self.log_dir = Path(cfg.logging_dir).resolve() if tb_log.uses_tensorboard(cfg) else None
         self._writer: Any = None  # ours, when no trainer in this process writes to log_dir
-        self._uploaded: dict[str, str] = {}  # file name -> artifact id shown now
+        self._uploaded: dict[str, str] = {}  # file name -> its artifact id
 
     def scored(self, epoch: int, total: float, components: dict[str, float], images: list[Path]) -> None:
         """Write one epoch's scores (and its contact sheet) into the trial's TensorBoard log."""
@@ -161,13 +160,16 @@ class TrialCurves:
     def _replace_artifact(self, path: Path) -> None:
         from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-        store = FileSystemArtifactStore(str(self.artifact_dir))
-        new = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=self.trial)
-        old = self._uploaded.get(path.name)
-        self._uploaded[path.name] = new
-        if old is not None:  # hidden from the dashboard (its metadata nulled, as the dashboard deletes) and removed
-            self.trial.study._storage.set_trial_system_attr(self.trial._trial_id, ARTIFACT_ATTR_PREFIX + old, json.dumps(None))
-            store.remove(old)
+        known = self._uploaded.get(path.name)
+        if known is None:
+            store = FileSystemArtifactStore(str(self.artifact_dir))
+            self._uploaded[path.name] = upload_artifact(artifact_store=store, file_path=str(path),
+                                                        study_or_trial=self.trial)
+            return
+        # A FileSystemArtifactStore keeps an artifact as <base>/<artifact id>; the dashboard reads
+        # either the old picture or the new one, never half of one.
+        with atomic_path(self.artifact_dir / known) as tmp:
+            shutil.copyfile(path, tmp)
 
 
 def _pixels(path: Path) -> Any:

@@ -197,6 +197,7 @@ class TrialRun:
             self.trial.set_user_attr("best_epoch", result.epoch)
             self.trial.set_user_attr("best_score", result.total)
             self.trial.set_user_attr("best_checkpoint", str(checkpoint))
+            self.trial.set_user_attr("best_images", [str(p) for p in result.images])
 
 
 class Worker:
@@ -350,9 +351,21 @@ class Worker:
         if run.best_score is None:
             return self._fail(trial, "training ended without a scored checkpoint; set save_every_n_epochs")
         self.study.tell(trial, run.best_score)
-        save_trial_note(trial, outcome_note(trial, "complete"))
+        save_trial_note(trial, outcome_note(trial, "complete") + self._offer_for_judgement(trial))
         log.info("trial %d complete: best epoch %d scored %.4f", trial.number, run.best_epoch, run.best_score)
         return "complete"
+
+    def _offer_for_judgement(self, trial: optuna.Trial) -> str:
+        """The finished trial's rating form (and the comparison view's update); a line for its note."""
+        from search.ratings import offer_for_judgement, rating_link
+
+        try:
+            offered = offer_for_judgement(self.study, self.artifact_dir(), self.settings.scorer.compare_top,
+                                          only=trial.number)
+        except Exception as exc:  # the search goes on; lora-search dashboard offers it again when it starts
+            log.warning("trial %d: rating form not created (%s: %s)", trial.number, type(exc).__name__, exc)
+            return ""
+        return f"\n\n{rating_link(self.study, offered[trial.number])}" if trial.number in offered else ""
 
     def _interrupted(self, trial: optuna.Trial) -> None:
         """The worker was stopped mid-trial: FAIL it and, if it was training, queue a retry that the
