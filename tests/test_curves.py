@@ -94,3 +94,36 @@ def test_plots_say_nothing_when_there_is_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
     drawn = plot_scores({"1": 0.3, "2": 0.5}, {1: {"identity": 0.1}, 2: {"identity": 0.4}}, 2, "t", tmp_path / "s.png")
     assert Image.open(drawn).format == "PNG"
+
+
+def test_tensorboard_command_shows_every_trial_as_a_run(trained, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    settings, study, trial = trained
+    proc = subprocess.Popen([sys.executable, "-m", "search", "tensorboard", "--config",
+                             str(tmp_path / "configs" / "study.toml"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split(" at ", 1)[1].split()[0].rstrip("/")
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:  # TensorBoard loads the logs in the background after it starts
+            with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=10) as response:
+                tags = json.loads(response.read())
+            if any("score/total" in t for t in tags.values()) and any("loss/current" in t for t in tags.values()):
+                break
+            time.sleep(0.5)
+        run = f"trial_{trial.number:04d}/logs"
+        assert "score/total" in tags[run]  # the worker's scores: the trial's own run
+        assert any(name.startswith(run + "/") and "lr/unet" in t for name, t in tags.items())  # sd-scripts' run
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
