@@ -135,3 +135,42 @@ def test_wandb_gets_kohya_tags_when_it_starts(tmp_path, make_config, monkeypatch
     assert started["name"] == "my-run" and started["finished"]
     assert [step for step, values in logged if "loss/current" in values] == [1, 2]
     assert any(values.get("loss/epoch_average") is not None and values["epoch"] == 2 for _, values in logged)
+
+
+class CountingLosses:
+    """Stands in for the epoch's LossLog: counts the reads, each of which would wait for the GPU."""
+
+    def __init__(self):
+        self.steps, self.reads = [], 0
+
+    def values(self):
+        self.reads += 1
+        return list(self.steps)
+
+
+class Recorder:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def flush(self):
+        pass
+
+
+def test_losses_are_read_in_batches_and_every_step_is_logged_once(monkeypatch):
+    monkeypatch.setattr(tb_log, "LOG_EVERY", 4)
+    writer, losses = Recorder(), CountingLosses()
+    log = tb_log.TrainingLog(writer, ["unet"], window=3)
+    for step in range(1, 11):  # one epoch of 10 optimizer steps
+        losses.steps.append(float(step))
+        log.step(step, [0.1 * step], losses)
+    assert losses.reads == 2  # at steps 4 and 8, not at every step
+    log.end_epoch(1, losses.values())
+    current = [(step, value) for tag, step, value in writer.scalars if tag == "loss/current"]
+    assert current == [(s, float(s)) for s in range(1, 11)]
+    average = {step: value for tag, step, value in writer.scalars if tag == "loss/average"}
+    assert average[10] == pytest.approx((8 + 9 + 10) / 3)  # the window is the epoch's length
+    assert [(s, v) for t, s, v in writer.scalars if t == "lr/unet"][3] == (4, pytest.approx(0.4))
+    assert [(s, v) for t, s, v in writer.scalars if t == "loss/epoch_average"] == [(1, 5.5)]

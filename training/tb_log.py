@@ -149,7 +149,7 @@ def open_log(cfg: Any, *, lr_names: Sequence[str], window: int, resumed_at: int 
     opened = TrainingLog(writer, lr_names, window, wandb_run, log_dir if writer is not None else None)
     if writer is not None:
         _OPEN[log_dir] = opened
-        log.info("TensorBoard log in %s (tensorboard --logdir %s)", log_dir, log_dir)
+        log.info("TensorBoard log in %s", log_dir)
     return opened
 
 
