@@ -43,13 +43,11 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in merged.items()}
 
 
-def _figure(rows: int, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+def _figure(height: float) -> Any:
+    """An 800 px wide figure drawn without a display (a Figure, not pyplot: no global state)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(8, height), dpi=100, layout="constrained"), rows
+    return Figure(figsize=(8, height), dpi=100, layout="constrained")
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -62,7 +60,7 @@ def plot_curves(scalars: dict[str, list[tuple[int, float]]], title: str, path: P
     """Loss (per step and its moving average) above the learning rates; None when nothing was logged."""
     if not scalars.get("loss/current"):
         return None
-    fig, _ = _figure(2, 6)
+    fig = _figure(6)
     loss, lr = fig.subplots(2, 1, sharex=True)
     steps, values = zip(*scalars["loss/current"])
     loss.plot(steps, values, lw=0.8, alpha=0.45, color="tab:blue", label="loss/current")
@@ -88,7 +86,7 @@ def plot_scores(epoch_scores: dict[str, float], components: dict[int, dict[str, 
     """Total score and each component per epoch; None before the first scored epoch."""
     if not epoch_scores:
         return None
-    fig, _ = _figure(1, 3.6)
+    fig = _figure(3.6)
     ax = fig.subplots()
     epochs = sorted(int(e) for e in epoch_scores)
     names = sorted({name for parts in components.values() for name in parts})

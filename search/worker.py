@@ -407,19 +407,20 @@ class Worker:
             raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")
         run.record(result, checkpoint)
         self._upload(run, result)
-        if run.curves is not None:
-            run.curves.scored(epoch, result.total, result.components, result.images)
-        self._refresh_curves(run)
+        self._refresh_curves(run, result)
         run.trial.report(result.total, epoch)
         log.info("trial %d epoch %d score %.4f", run.trial.number, epoch, result.total)
         if run.trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch} score {result.total:.4f}")
 
-    def _refresh_curves(self, run: TrialRun) -> None:
-        """Redraw the trial's plots; a plot that cannot be drawn is logged, never a reason to fail the trial."""
+    def _refresh_curves(self, run: TrialRun, result: Optional[EpochScore] = None) -> None:
+        """Log the epoch's scores and redraw the trial's plots; a failure there is logged, never a reason to
+        fail the trial."""
         if run.curves is None:
             return
         try:
+            if result is not None:
+                run.curves.scored(result.epoch, result.total, result.components, result.images)
             run.curves.refresh()
         except Exception as exc:  # matplotlib, a torn event file: the training matters more than its picture
             log.warning("trial %d: curves not drawn (%s: %s)", run.trial.number, type(exc).__name__, exc)
