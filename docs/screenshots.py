@@ -3,8 +3,8 @@
 Runs ``lora-search demo`` first unless ``--config`` names a study that exists, serves it with
 ``lora-search dashboard`` on a free local port and photographs five pages with headless Chromium
 (Debian's ``chromium`` package): the best trial, a trial rejected by a constraint, the study
-overview, the best trial's curves (the bottom of its page, where its artifacts are) and its rating
-form. Nothing here is part of the tool; it keeps the pictures honest.
+overview, the best trial's artifacts (contact sheets, curves.png, scores.png: a wide window, cropped
+to that row) and its rating form; ``demo-curves.png`` is that trial's ``curves.png`` itself. Nothing here is part of the tool; it keeps the pictures honest.
 """
 
 from __future__ import annotations
@@ -48,12 +48,17 @@ def shoot(browser: str, url: str, out: Path, size: str, profile: Path) -> None:
     print(f"wrote {out}")
 
 
-def crop_bottom(path: Path, height: int) -> None:
-    """Keep the last ``height`` pixels of a tall screenshot (a trial's artifacts sit at the bottom)."""
+def crop_artifacts(path: Path, height: int = 350) -> None:
+    """Keep the row of artifacts, the last thing on a trial's page, and the width its cards use."""
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as image:
-        cropped = image.crop((0, max(0, image.height - height), image.width, image.height))
+        ink = np.asarray(image.convert("L"))[:, 300:] < 250  # the left 300 px are the menu and trial list
+        bottom = int(np.where(ink.any(axis=1))[0].max())
+        rows = ink[bottom - height:bottom]
+        right = 300 + int(np.where(rows.any(axis=0))[0].max())
+        cropped = image.crop((260, bottom - height, min(image.width, right + 40), bottom + 20))
     cropped.save(path)
 
 
@@ -87,8 +92,9 @@ def main() -> int:
         shoot(browser, f"{base}/trials?numbers={rejected}", DOCS / "dashboard-rejected.png", "1400,900", profile)
         shoot(browser, base, DOCS / "dashboard-overview.png", "1400,1600", profile)
         shoot(browser, f"{base}/trials?numbers={study.best_trial.number}", DOCS / "dashboard-curves.png",
-              "1400,4200", profile)
-        crop_bottom(DOCS / "dashboard-curves.png", 1100)
+              "2400,1800", profile)
+        crop_artifacts(DOCS / "dashboard-curves.png")
+        shutil.copyfile(Path(study.best_trial.user_attrs["run_dir"]) / "curves.png", DOCS / "demo-curves.png")
         rating = rating_trial_number(study, study.best_trial.number)
         shoot(browser, f"http://127.0.0.1:{port}/dashboard/studies/{ids[ratings_name(study.study_name)]}/trials"
               f"?numbers={rating}", DOCS / "dashboard-rating.png", "1400,1100", profile)

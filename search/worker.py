@@ -197,7 +197,7 @@ class TrialRun:
             self.trial.set_user_attr("best_epoch", result.epoch)
             self.trial.set_user_attr("best_score", result.total)
             self.trial.set_user_attr("best_checkpoint", str(checkpoint))
-            self.trial.set_user_attr("best_images", [str(p) for p in result.images])
+            self.trial.set_user_attr("best_images", [str(Path(p).resolve()) for p in result.images])
 
 
 class Worker:
