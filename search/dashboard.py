@@ -1,15 +1,23 @@
-"""optuna-dashboard on a study's storage, with the artifact store the workers upload contact sheets to."""
+"""optuna-dashboard on a study's storage, with the artifact store the workers upload contact sheets to.
+
+Before it serves, every COMPLETE trial gets its rating form and the top trials their place in the
+comparison view (:mod:`search.ratings`), in case a worker finished one without offering it.
+"""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from search.errors import LoraSearchError
 from search.settings import StudySettings
+
+
+log = logging.getLogger(__name__)
 
 
 class DashboardError(LoraSearchError):
@@ -43,14 +51,31 @@ def make_dashboard_server(settings: StudySettings, host: str = "127.0.0.1", port
 
     store_dir = artifact_dir(settings)
     store_dir.mkdir(parents=True, exist_ok=True)
-    app = wsgi(open_storage(storage_url(settings), settings),
-               artifact_store=FileSystemArtifactStore(str(store_dir)))
+    storage = open_storage(storage_url(settings), settings)
+    offer_finished_trials(settings, storage)
+    app = wsgi(storage, artifact_store=FileSystemArtifactStore(str(store_dir)))
     try:
         return make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise DashboardError(f"port {port} on {host} is already in use; pass another --port") from None
         raise DashboardError(f"cannot listen on {host}:{port} ({exc.strerror}); check --host and --port") from None
+
+
+def offer_finished_trials(settings: StudySettings, storage) -> None:
+    """Rating forms for the study's COMPLETE trials that have none (see :mod:`search.ratings`)."""
+    import optuna
+
+    from search.ratings import offer_for_judgement
+
+    try:
+        study = optuna.load_study(study_name=settings.study.name, storage=storage)
+    except KeyError:
+        return
+    try:
+        offer_for_judgement(study, artifact_dir(settings), settings.scorer.compare_top)
+    except Exception as exc:  # the dashboard is still worth serving without the forms
+        log.warning("rating forms not created (%s: %s)", type(exc).__name__, exc)
 
 
 def is_loopback(host: str) -> bool:

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.baseline import baseline_trial, versus
 from search.constraints import describe, violations
+from search.ratings import best_trial, judgements, ranked_value
 from search.errors import StudyError
 from search.trial_config import absolute_paths
 from search.space import apply_params, kohya_schedule
@@ -19,13 +20,13 @@ from training.config import config_from_dict, write_config
 OUTPUT_KEYS = ("output_dir", "output_name", "logging_dir")
 
 
-def pick_trial(study: optuna.Study, number: Optional[int]) -> FrozenTrial:
-    """The named trial, or the best COMPLETE one."""
+def pick_trial(study: optuna.Study, number: Optional[int], human_weight: float = 0.0) -> FrozenTrial:
+    """The named trial, or the best COMPLETE one (by score blended with human ratings, see search.ratings)."""
     if number is None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise StudyError(f"study '{study.study_name}' has no complete trial yet; wait for one or pass --trial N")
-        return study.best_trial
+        return best_trial(study, human_weight)
     for trial in study.get_trials(deepcopy=False):
         if trial.number == number:
             if "accepted" not in trial.user_attrs:
@@ -46,9 +47,10 @@ def export_values(trial: FrozenTrial, base: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def export_trial(study: optuna.Study, base: dict[str, Any], out: Path, number: Optional[int] = None) -> FrozenTrial:
+def export_trial(study: optuna.Study, base: dict[str, Any], out: Path, number: Optional[int] = None,
+                 human_weight: float = 0.0) -> FrozenTrial:
     """Write the chosen trial as a complete config at ``out`` (atomically); it passes ``check``."""
-    trial = pick_trial(study, number)
+    trial = pick_trial(study, number, human_weight)
     values = export_values(trial, base)
     fired = violations(config_from_dict(values, f"trial {trial.number}"))
     if fired:
@@ -60,9 +62,21 @@ def export_trial(study: optuna.Study, base: dict[str, Any], out: Path, number: O
         f"# Score {score}, best epoch {attrs.get('best_epoch', '?')} of {values.get('max_train_epochs', '?')};"
         f" checkpoint {attrs.get('best_checkpoint', 'none')}.",
         f"# Sampled params: {dict(sorted(trial.params.items()))}",
-    ] + _baseline_lines(study, trial, picked_best=number is None))
+    ] + _human_lines(study, trial, human_weight) + _baseline_lines(study, trial, picked_best=number is None))
     write_config(out, values, header)
     return trial
+
+
+def _human_lines(study: optuna.Study, trial: FrozenTrial, weight: float) -> list[str]:
+    """What people said about the trial in the dashboard, and the blended value export ranked by."""
+    judged = judgements(study).get(trial.number)
+    if judged is None:
+        return []
+    lines = [f"# Human judgement: {judged.label()}" + (f' ("{judged.comment}")' if judged.comment else "") + "."]
+    if weight > 0:
+        value = ranked_value(trial, {trial.number: judged}, weight)
+        lines.append(f"# Ranked by score blended with it (human_weight {weight:g}): {value:.4f}.")
+    return lines
 
 
 def _baseline_lines(study: optuna.Study, trial: FrozenTrial, picked_best: bool) -> list[str]:

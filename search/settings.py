@@ -75,6 +75,10 @@ class ScorerSection:
     # command: prints the checkpoint's score as the last line of its output;
     # {checkpoint}, {epoch}, {run_dir} and {config} are filled in.
     command: list = field(default_factory=list)
+    # 0..1: how much people's ratings and comparisons in optuna-dashboard count in the value that
+    # status ranks and export picks: (1 - w) * score + w * human score (search/ratings.py)
+    human_weight: float = 0.0
+    compare_top: int = 4  # the best trials by score shown side by side in the dashboard's comparison view
 
 
 @dataclass
@@ -107,6 +111,12 @@ class StudySettings:
              "a command line such as [\"python\", \"score.py\", \"{checkpoint}\"]"),
             (bool(self.study.name.strip()) and "/" not in self.study.name, "study.name", self.study.name,
              "a non-empty name without '/'"),
+            (0 <= self.scorer.human_weight <= 1, "scorer.human_weight", self.scorer.human_weight,
+             "a weight within [0, 1] (0: the score alone decides)"),
+            (self.scorer.human_weight == 0 or self.study.direction == "maximize", "scorer.human_weight",
+             self.scorer.human_weight, 'human_weight = 0 with study.direction = "minimize" (ratings are higher-is-better)'),
+            (self.scorer.compare_top >= 0, "scorer.compare_top", self.scorer.compare_top,
+             "0 (no comparison view) or the number of top trials to compare"),
         ]
         for ok, key, value, fix in checks:
             if not ok:

@@ -9,6 +9,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from search.baseline import baseline_trial, versus
+from search.ratings import HumanJudgement, best_trial, judgements, ranked_value
 from search.worker import trained_count
 
 COLUMNS = ("trial", "state", "dim", "alpha", "lr", "epochs", "optimizer", "accum", "warmup", "vram_gib", "score",
@@ -98,14 +99,33 @@ def constraint_counts(trials: list[FrozenTrial]) -> Counter:
     return counts
 
 
-def status_text(study: optuna.Study, n_trials: int) -> str:
+def add_human_columns(header: tuple[str, ...], rows: list[list[str]], trials: list[FrozenTrial],
+                      judged: dict[int, HumanJudgement], weight: float) -> tuple[str, ...]:
+    """After the score (and vs_baseline): ``rating`` (ratings and comparisons from the dashboard) and,
+    with ``human_weight`` > 0, ``ranked`` (the blended value export picks by). Rows are changed in place."""
+    if not judged and weight <= 0:
+        return header
+    at = header.index("vs_baseline" if "vs_baseline" in header else "score") + 1
+    extra = ("rating", "ranked") if weight > 0 else ("rating",)
+    for row, trial in zip(rows, trials):
+        cells = [judged.get(trial.number, HumanJudgement()).label()]
+        if weight > 0:
+            cells.append(_fmt(ranked_value(trial, judged, weight)) if trial.state.name == "COMPLETE" else "-")
+        row[at:at] = cells
+    return header[:at] + extra + header[at:]
+
+
+def status_text(study: optuna.Study, n_trials: int, human_weight: float = 0.0) -> str:
     trials = study.get_trials(deepcopy=False)
     out = [f"study '{study.study_name}': {trained_count(study)} of {n_trials} trials trained, "
            f"{len(trials)} sampled"]
     baseline = baseline_trial(trials)
     header = COLUMNS if baseline is None else (
         COLUMNS[:COLUMNS.index("score") + 1] + ("vs_baseline",) + COLUMNS[COLUMNS.index("score") + 1:])
-    out.append(format_table([trial_row(t, baseline) for t in trials], header))
+    rows = [trial_row(t, baseline) for t in trials]
+    judged = judgements(study)
+    header = add_human_columns(header, rows, trials, judged, human_weight)
+    out.append(format_table(rows, header))
     counts = constraint_counts(trials)
     rejected = sum(1 for t in trials if t.user_attrs.get("prune_reason") == "constraint")
     summary = ", ".join(f"#{cid}: {counts[cid]}" for cid in sorted(counts)) or "none"
@@ -118,10 +138,13 @@ def status_text(study: optuna.Study, n_trials: int) -> str:
         out.append(f"baseline: trial {baseline.number} ({baseline.user_attrs.get('baseline_config')}) "
                    f"{baseline.state.name.lower()}, score {_fmt(baseline.value)}")
     if complete:
-        best = study.best_trial
+        best = best_trial(study, human_weight)
         relative = versus(best.value, baseline) if baseline is not None and best.number != baseline.number else ""
+        rated = judged.get(best.number)
         out.append(f"best: trial {best.number} score {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}"
-                   + (f" ({relative})" if relative else ""))
+                   + (f" ({relative})" if relative else "") + (f", rating {rated.label()}" if rated else "")
+                   + (f", ranked {_fmt(ranked_value(best, judged, human_weight))} with human_weight {human_weight:g}"
+                      if human_weight > 0 else ""))
     return "\n".join(out)
 
 

@@ -33,6 +33,7 @@ from search.backends import make_backend
 from search.backends.base import TrainerBackend
 from search.baseline import queue_baseline
 from search.constraints import describe, violations
+from search.curves import TrialCurves
 from search.errors import ConfigError, LoraSearchError, StudyError, TrainingFailed, is_out_of_memory
 from search.notes import outcome_note, rejection_note, save_trial_note
 from search.optuna_ext import (heartbeat_interval, is_finished, record_heartbeat, retried_number, retried_numbers,
@@ -161,6 +162,7 @@ class TrialRun:
     best_checkpoint: Optional[Path] = None
     started: float = dataclasses.field(default_factory=time.time)
     first_epoch: Optional[int] = None
+    curves: Optional[TrialCurves] = None  # score events and dashboard plots, refreshed each epoch
 
     def progress(self, epoch: int) -> None:
         """Record the finished epoch and when, for ``status`` (epoch k of n, ETA)."""
@@ -197,6 +199,7 @@ class TrialRun:
             self.trial.set_user_attr("best_epoch", result.epoch)
             self.trial.set_user_attr("best_score", result.total)
             self.trial.set_user_attr("best_checkpoint", str(checkpoint))
+            self.trial.set_user_attr("best_images", [str(Path(p).resolve()) for p in result.images])
 
 
 class Worker:
@@ -343,7 +346,7 @@ class Worker:
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         trial.set_user_attr("config", values)
         run = TrialRun(trial, run_dir, config_path, self.settings.study.direction == "maximize",
-                       epochs=cfg.max_train_epochs)
+                       epochs=cfg.max_train_epochs, curves=TrialCurves(trial, run_dir, cfg, self.artifact_dir()))
         try:
             with heartbeat(self.study, trial), trial_log(run_dir / "train.log"):
                 log.info("trial %d training in %s with %s", trial.number, run_dir, trial.params)
@@ -363,12 +366,26 @@ class Worker:
             if not isinstance(exc, LoraSearchError):
                 log.exception("trial %d crashed", trial.number)
             return self._fail(trial, str(exc) if isinstance(exc, LoraSearchError) else f"{type(exc).__name__}: {exc}")
+        finally:
+            run.curves.close()
         if run.best_score is None:
             return self._fail(trial, "training ended without a scored checkpoint; set save_every_n_epochs")
         self.study.tell(trial, run.best_score)
-        save_trial_note(trial, outcome_note(trial, "complete"))
+        save_trial_note(trial, outcome_note(trial, "complete") + self._offer_for_judgement(trial))
         log.info("trial %d complete: best epoch %d scored %.4f", trial.number, run.best_epoch, run.best_score)
         return "complete"
+
+    def _offer_for_judgement(self, trial: optuna.Trial) -> str:
+        """The finished trial's rating form (and the comparison view's update); a line for its note."""
+        from search.ratings import offer_for_judgement, rating_link
+
+        try:
+            offered = offer_for_judgement(self.study, self.artifact_dir(), self.settings.scorer.compare_top,
+                                          only=trial.number)
+        except Exception as exc:  # the search goes on; lora-search dashboard offers it again when it starts
+            log.warning("trial %d: rating form not created (%s: %s)", trial.number, type(exc).__name__, exc)
+            return ""
+        return f"\n\n{rating_link(self.study, offered[trial.number])}" if trial.number in offered else ""
 
     def _interrupted(self, trial: optuna.Trial) -> None:
         """The worker was stopped mid-trial: FAIL it and, if it was training, queue a retry that the
@@ -401,6 +418,8 @@ class Worker:
         run.progress(epoch)
         if checkpoint is not None and str(epoch) not in run.trial.user_attrs.get("epoch_scores", {}):
             self._score(run, epoch, checkpoint)  # (an epoch scored before a crash keeps its inherited score)
+        else:
+            self._refresh_curves(run)
         if self.stop_requested:
             raise StopRequested(f"stop requested after epoch {epoch}")
 
@@ -410,6 +429,7 @@ class Worker:
             raise TrainingFailed(f"epoch {epoch} scored {result.total}; the checkpoint is unusable")
         run.record(result, checkpoint)
         self._upload(run, result)
+        self._refresh_curves(run, result)
         self._report(run, epoch, result.total)
 
     def _report(self, run: TrialRun, epoch: int, score: float) -> None:
@@ -417,6 +437,18 @@ class Worker:
         log.info("trial %d epoch %d score %.4f", run.trial.number, epoch, score)
         if run.trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch} score {score:.4f}")
+
+    def _refresh_curves(self, run: TrialRun, result: Optional[EpochScore] = None) -> None:
+        """Log the epoch's scores and redraw the trial's plots; a failure there is logged, never a reason to
+        fail the trial."""
+        if run.curves is None:
+            return
+        try:
+            if result is not None:
+                run.curves.scored(result.epoch, result.total, result.components, result.images)
+            run.curves.refresh()
+        except Exception as exc:  # matplotlib, a torn event file: the training matters more than its picture
+            log.warning("trial %d: curves not drawn (%s: %s)", run.trial.number, type(exc).__name__, exc)
 
     def _upload(self, run: TrialRun, result: EpochScore) -> None:
         if not result.images:

@@ -55,21 +55,24 @@ def study_settings(tmp_path, monkeypatch):
 
 def test_dashboard_serves_the_study_and_its_artifacts(study_settings):
     settings, study, trial = study_settings
-    artifact_id = get_all_artifact_meta(trial, storage=study._storage)[-1].artifact_id
+    artifact_id = next(a.artifact_id for a in get_all_artifact_meta(trial, storage=study._storage)
+                       if a.filename.startswith("contact_sheet"))
     server = make_dashboard_server(settings, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         studies = json.loads(get(f"{base}/api/studies"))["study_summaries"]
-        assert [s["study_name"] for s in studies] == ["t"]
-        detail = json.loads(get(f"{base}/api/studies/{studies[0]['study_id']}"))
+        # the search, and the study where its finished trial is rated (one trial: nothing to compare yet)
+        assert sorted(s["study_name"] for s in studies) == ["t", "t-ratings"]
+        study_id = next(s["study_id"] for s in studies if s["study_name"] == "t")
+        detail = json.loads(get(f"{base}/api/studies/{study_id}"))
         shown = {t["number"]: t for t in detail["trials"]}
         assert len(shown) == len(study.trials)
         attrs = {a["key"]: a["value"] for a in shown[trial.number]["user_attrs"]}
         assert "best_epoch" in attrs and "epoch_scores" in attrs  # per-epoch scores and best epoch are visible
         assert len(shown[trial.number]["intermediate_values"]) == len(trial.intermediate_values)
-        image = get(f"{base}/artifacts/{studies[0]['study_id']}/{trial._trial_id}/{artifact_id}")
+        image = get(f"{base}/artifacts/{study_id}/{trial._trial_id}/{artifact_id}")
         assert image.startswith(b"\x89PNG")  # the contact sheet comes from runs/<study>/artifacts
         assert (artifact_dir(settings) / artifact_id).is_file()
     finally:

@@ -34,6 +34,7 @@ SCHEDULERS = (
     "polynomial",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LOG_WITH = ("tensorboard", "wandb", "all")
 # torch.compile backends the trainer accepts (sd-scripts offers more, which need extra packages).
 DYNAMO_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 
@@ -133,7 +134,11 @@ class TrainingConfig:
     sample_every_n_epochs: Optional[int] = _opt(None, "saving", "sample images every n epochs")
     sample_every_n_steps: Optional[int] = _opt(None, "saving", "sample images every n optimizer steps")
     sample_sampler: str = _opt("ddim", "saving", "sampler for sample images")
-    logging_dir: Optional[str] = _opt(None, "saving", "training log folder")
+    logging_dir: Optional[str] = _opt(None, "saving", "TensorBoard log folder (per-step loss and lr, per-epoch scores)")
+    log_with: Optional[str] = _opt(None, "saving", "tensorboard, wandb or all; unset: tensorboard when logging_dir is set")
+    log_prefix: Optional[str] = _opt(None, "saving", "sd-scripts: prefix of its timestamped log folder (kohya backend)")
+    log_tracker_name: Optional[str] = _opt(None, "saving", "W&B project name (default lora-search)")
+    wandb_run_name: Optional[str] = _opt(None, "saving", "W&B run name (default: the output_name)")
     training_comment: Optional[str] = _opt(None, "saving", "stored in the LoRA metadata")
     metadata_trigger_phrase: Optional[str] = _opt(None, "saving", "trigger words; replaces {trigger} in prompts")
 
@@ -198,6 +203,15 @@ def _check_choices(cfg: TrainingConfig) -> None:
     cfg.dynamo_backend = backend
     if cfg.max_token_length not in (None, 75, 150, 225):
         raise _bad("max_token_length", cfg.max_token_length, "use 75, 150 or 225")
+    _check_logging(cfg)
+
+
+def _check_logging(cfg: TrainingConfig) -> None:
+    if cfg.log_with is not None and cfg.log_with not in LOG_WITH:
+        raise _bad("log_with", cfg.log_with, "use " + ", ".join(LOG_WITH))
+    if cfg.log_with in ("tensorboard", "all") and not cfg.logging_dir:
+        # sd-scripts refuses this too; a run must not look logged and leave nothing behind
+        raise _bad("log_with", cfg.log_with, 'TensorBoard needs a folder: set logging_dir = "runs/my_lora/logs"')
 
 
 def _check_numbers(cfg: TrainingConfig) -> None:

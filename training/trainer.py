@@ -45,6 +45,7 @@ RESUME_FREE_KEYS = frozenset({
     "output_dir", "logging_dir", "sample_prompts", "sample_every_n_epochs", "sample_sampler",
     "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps", "save_state", "training_comment",
     "max_data_loader_n_workers", "persistent_data_loader_workers", "metadata_trigger_phrase", "save_precision",
+    "log_with", "log_prefix", "log_tracker_name", "wandb_run_name",
 })
 
 
@@ -96,6 +97,7 @@ class _Run:
     grad_buffers: bool = False  # gradients accumulate in buffers of their own (zeroed, never freed)
     captions: Any = None  # fast.CaptionCache when the text encoders are frozen and captions fixed
     offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
+    log: Any = None  # tb_log.TrainingLog when the config logs to TensorBoard or W&B
 
 
 def pick_device() -> torch.device:
@@ -115,6 +117,7 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
     out.mkdir(parents=True, exist_ok=True)  # only once the config, data and model are known to be usable
     try:
         done, start_batch = _resume(run) if resume else (0, 0)
+        run.log = _open_log(run)
         _write_config_copy(cfg, out)
         if done >= run.epochs:
             log.info("the run in %s already finished (epoch %d, step %d)", out, done, run.global_step)
@@ -124,6 +127,7 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
         for epoch in range(done + 1, run.epochs + 1):
             losses = _train_epoch(run, epoch, start_batch if epoch == done + 1 else 0)
             event = _end_epoch(run, epoch, losses)
+            _log_epoch(run, event)
             if on_epoch_end is not None:
                 on_epoch_end(event)
         final = _final_path(run)
@@ -131,6 +135,8 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
             _save_checkpoint(run, run.epochs, final)
         return TrainResult(checkpoint=final, epochs=run.epochs, steps=run.global_step)
     finally:
+        if run.log is not None:
+            run.log.close()
         _release(run)
 
 
@@ -463,6 +469,8 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
             losses.end_step()
             _show_step(run, bar, epoch, losses)
             _after_step(run, epoch, batches_done=batch_no + 1)
+            if run.log is not None:
+                run.log.step(run.global_step, run.scheduler.get_last_lr(), losses)
     if bar is not None:
         bar.close()
     values = losses.values()  # the epoch's one wait for the GPU
@@ -615,6 +623,22 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float, v_pre
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
     return (clipped / (snr + 1) if v_prediction else clipped / snr).float()
+
+
+def _open_log(run: _Run) -> Any:
+    """The TensorBoard / W&B log the config asks for (see :mod:`training.tb_log`), or None."""
+    from training import tb_log
+
+    trains_unet = any(p.prefix == "lora_unet" and p.trained for p in run.network.parts)
+    names = tb_log.lr_tag_names(trains_unet, _trains_text_encoder(run))
+    return tb_log.open_log(run.cfg, lr_names=names, window=run.steps_per_epoch, resumed_at=run.global_step)
+
+
+def _log_epoch(run: _Run, event: EpochEnd) -> None:
+    if run.log is not None:
+        run.log.end_epoch(event.epoch, event.losses)
+        run.log.samples(event.epoch, event.samples)
+        run.log.flush()
 
 
 # --- end of epoch --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     study = open_study(settings, create=False)
     base = load_base_values(settings.study.base_config, settings.study.preset)
-    trial = export_trial(study, base, Path(args.out), args.trial)
+    trial = export_trial(study, base, Path(args.out), args.trial, settings.scorer.human_weight)
     print(f"wrote {args.out} from trial {trial.number} (score {trial.value}); "
           f"check it with: lora-search check {args.out}")
     return 0

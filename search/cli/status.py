@@ -25,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     study = open_study(settings, create=False)
-    print(status_text(study, settings.study.n_trials))
+    print(status_text(study, settings.study.n_trials, settings.scorer.human_weight))
     print(windows_text(worker_windows(settings, args.socket_name)))
     return 0
