@@ -1,0 +1,147 @@
+"""Model families: what differs between SD 1.x/SDXL (UNets, DDPM) and SD3/Z-Image (DiTs, rectified flow).
+
+A diffusers folder names its pipeline class in ``model_index.json``; :func:`detect_family` turns that into
+one of :data:`FAMILIES`. Everything the training step needs to know about a family sits behind
+:class:`ModelFamily`: how to load it, encode captions, make the noisy input and read the prediction, which
+modules carry LoRA and under which file keys, how to sample, and what it weighs for the VRAM estimate.
+The DiT families are implemented in :mod:`training.dit`; SD 1.x/SDXL still run through
+``training/trainer.py`` directly.
+
+Nothing here imports torch, so ``check`` and ``plan`` can detect a family cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from training.errors import LoraSearchError
+
+if TYPE_CHECKING:
+    import torch
+
+# diffusers pipeline class -> family name
+FAMILIES = {
+    "StableDiffusionPipeline": "sd1",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "ZImagePipeline": "zimage",
+}
+DIT_FAMILIES = ("sd3", "zimage")
+
+
+class UnsupportedModelError(LoraSearchError):
+    """A model folder whose family lora-search cannot train."""
+
+
+def pipeline_class(folder: str | Path) -> str:
+    """The ``_class_name`` in a diffusers folder's ``model_index.json``."""
+    index = Path(folder) / "model_index.json"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UnsupportedModelError(f"{folder} has no model_index.json; give a diffusers model folder") from None
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"{index} is not readable JSON ({exc}); check the model folder") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        raise UnsupportedModelError(f"{index} names no pipeline (_class_name); check the model folder")
+    return name
+
+
+def detect_family(folder: str | Path) -> str:
+    """``"sd1"``, ``"sdxl"``, ``"sd3"`` or ``"zimage"`` for a diffusers folder; any other pipeline is refused."""
+    name = pipeline_class(folder)
+    if name not in FAMILIES:
+        known = ", ".join(f"{cls} ({family})" for cls, family in FAMILIES.items())
+        raise UnsupportedModelError(f"{folder} is a {name}, which lora-search cannot train; supported: {known}")
+    return FAMILIES[name]
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How samples are made when the prompt line does not say (``--s`` steps, ``--l`` guidance)."""
+
+    steps: int
+    guidance_scale: float  # in the pipeline's own convention (see each family)
+    pipeline: str  # the diffusers pipeline class that samples
+
+
+@dataclass(frozen=True)
+class FamilySizes:
+    """Published parameter counts for the VRAM estimate (see :mod:`training.vram`)."""
+
+    transformer_params: int
+    text_encoder_params: tuple[int, ...]
+    vae_params: int
+    lora_params_per_rank: int  # default targets (every block Linear)
+    attention_lora_params_per_rank: int  # attention-only targets
+    default_resolution: int
+
+
+class ModelFamily(ABC):
+    """What one model family contributes to a LoRA training step.
+
+    The trainer's step reads the same for every family: draw noise and a noise level, build the noisy
+    input, ask the family for the model's prediction, take the family's loss; LoRA modules and file keys,
+    sampling and memory figures come from here too.
+    """
+
+    name: str
+    pipeline_class: str
+    base_model_version: str  # kohya's ss_base_model_version
+
+    @abstractmethod
+    def load(self, folder: str | Path, dtype: "torch.dtype") -> Any:
+        """The pipeline from a diffusers folder, offline (no hub access)."""
+
+    @abstractmethod
+    def encode_captions(self, models: Any, captions: list[str], device: "torch.device") -> Any:
+        """Text conditioning for a batch of captions, in the form :meth:`predict` takes."""
+
+    @abstractmethod
+    def sample_noise_levels(self, batch_size: int, device: Any = "cpu", generator: Any = None) -> "torch.Tensor":
+        """One noise level per sample (``sigma`` for the flow families)."""
+
+    @abstractmethod
+    def noisy_input_and_target(self, latents: "torch.Tensor", noise: "torch.Tensor",
+                               levels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """The model's input at ``levels`` and what :meth:`predict`'s output is compared with."""
+
+    @abstractmethod
+    def predict(self, model: Any, noisy: "torch.Tensor", levels: "torch.Tensor", conditioning: Any) -> "torch.Tensor":
+        """The model's prediction for ``noisy``, in the form of the target."""
+
+    @abstractmethod
+    def loss(self, prediction: "torch.Tensor", target: "torch.Tensor", levels: "torch.Tensor") -> "torch.Tensor":
+        """Per-sample loss, shape ``(B,)``."""
+
+    @abstractmethod
+    def lora_targets(self, model: Any, attention_only: bool = False) -> list[str]:
+        """Module paths in ``model`` that carry LoRA by default (or only its attention projections)."""
+
+    @abstractmethod
+    def file_state_dict(self, lora: dict[str, Any], alpha: float, rank: int) -> dict[str, Any]:
+        """LoRA tensors (module path -> ``(down, up)``) under the keys and strength convention of this
+        family's file, the one diffusers' ``load_lora_weights`` and ComfyUI both load completely."""
+
+    @abstractmethod
+    def sampling_defaults(self, turbo: bool = False) -> SamplingDefaults:
+        """Steps and guidance for samples of the base model (``turbo``: its step-distilled variant)."""
+
+    @abstractmethod
+    def sizes(self, variant: Optional[str] = None) -> FamilySizes:
+        """Parameter counts of the published model (``variant`` picks one where there are several)."""
+
+
+def family(name: str) -> ModelFamily:
+    """The implementation of a DiT family (``"sd3"`` or ``"zimage"``)."""
+    from training.dit import DIT_IMPLEMENTATIONS
+
+    if name not in DIT_IMPLEMENTATIONS:
+        raise UnsupportedModelError(f"model family {name!r} has no DiT implementation; use one of "
+                                    f"{', '.join(DIT_FAMILIES)} (SD 1.x and SDXL train through the UNet trainer)")
+    return DIT_IMPLEMENTATIONS[name]
