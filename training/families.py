@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from training.errors import LoraSearchError
+from training.errors import ConfigError, LoraSearchError
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,14 @@ FAMILIES = {
     "ZImagePipeline": "zimage",
 }
 DIT_FAMILIES = ("sd3", "zimage")
+
+# Config keys that only mean something for the flow-matching DiTs.
+FLOW_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift")
+# Keys only sd-scripts' sd3_train_network.py reads (it loads the encoders from separate files and swaps
+# blocks itself); the built-in trainer takes everything from the diffusers folder.
+SD3_SCRIPT_KEYS = ("clip_l", "clip_g", "t5xxl", "t5xxl_max_token_length", "apply_lg_attn_mask", "apply_t5_attn_mask",
+                   "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
+                   "enable_scaled_pos_embed", "blocks_to_swap", "disable_mmap_load_safetensors")
 
 
 class UnsupportedModelError(LoraSearchError):
@@ -145,3 +153,31 @@ def family(name: str) -> ModelFamily:
         raise UnsupportedModelError(f"model family {name!r} has no DiT implementation; use one of "
                                     f"{', '.join(DIT_FAMILIES)} (SD 1.x and SDXL train through the UNet trainer)")
     return DIT_IMPLEMENTATIONS[name]
+
+
+def check_family_config(cfg: Any, family_name: str, builtin: bool = True) -> None:
+    """Refuse config keys that the model family (and the trainer: built-in or sd-scripts) would not use."""
+    given = set(cfg.to_dict(include_defaults=False))
+    if family_name not in DIT_FAMILIES:
+        stray = [key for key in FLOW_KEYS + SD3_SCRIPT_KEYS if key in given]
+        if stray:
+            raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {family_name} model")
+        if cfg.network_module != "networks.lora":
+            raise ConfigError(f"network_module = {cfg.network_module!r} is for SD3 models; use \"networks.lora\"")
+        return
+    if builtin:
+        stray = [key for key in SD3_SCRIPT_KEYS if key in given]
+        if stray:
+            raise ConfigError(f"{stray[0]} is read by sd-scripts' sd3_train_network.py only; the built-in trainer "
+                              "takes the model from the diffusers folder: remove it or use the kohya backend")
+        return
+    _check_kohya_dit(cfg, family_name)
+
+
+def _check_kohya_dit(cfg: Any, family_name: str) -> None:
+    if family_name == "zimage":
+        raise ConfigError("Z-Image is not in sd-scripts (kohya's musubi-tuner trains it with its own dataset "
+                          "config); use the built-in trainer")
+    if cfg.network_module != "networks.lora_sd3":
+        raise ConfigError(f"network_module = {cfg.network_module!r}: sd3_train_network.py needs "
+                          "\"networks.lora_sd3\"")

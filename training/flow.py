@@ -25,10 +25,9 @@ from typing import Any, Optional
 
 import torch
 
+from training.config import WEIGHTING_SCHEMES
 from training.errors import ConfigError
 
-# sd-scripts' --weighting_scheme choices (library/train_util.py add_dit_training_arguments).
-WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 TABLE_STEPS = 1000
 
 
