@@ -164,6 +164,9 @@ def check_family_config(cfg: Any, family_name: str, builtin: bool = True) -> Non
             raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {family_name} model")
         if cfg.network_module != "networks.lora":
             raise ConfigError(f"network_module = {cfg.network_module!r} is for SD3 models; use \"networks.lora\"")
+        if builtin and (cfg.fp8_base or cfg.fp8_base_unet):
+            raise ConfigError(f"fp8_base: the built-in trainer keeps {family_name} weights in the mixed_precision "
+                              "dtype; remove it (it applies to SD3/Z-Image) or use the kohya backend")
         return
     if builtin:
         stray = [key for key in SD3_SCRIPT_KEYS if key in given]
