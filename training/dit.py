@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from training.errors import LoraSearchError
-from training.families import FamilySizes, ModelFamily, SamplingDefaults, detect_family
+from training.families import DIT_SIZES, FamilySizes, ModelFamily, SamplingDefaults, detect_family
 from training.flow import FlowSettings, noisy_latents, sample_sigmas, velocity_target, weighted_mse
 from training.network import target_module_names
 
@@ -192,8 +192,8 @@ class SD3Family(DitFamily):
             return SamplingDefaults(steps=4, guidance_scale=0.0, pipeline=self.pipeline_class)
         return SamplingDefaults(steps=28, guidance_scale=7.0, pipeline=self.pipeline_class)
 
-    def sizes(self, variant: Optional[str] = None) -> FamilySizes:
-        return SD3_SIZES[variant or "large"]
+    def sizes(self) -> FamilySizes:
+        return DIT_SIZES["sd3"]
 
 
 @dataclass
@@ -231,17 +231,8 @@ class ZImageFamily(DitFamily):
             return SamplingDefaults(steps=8, guidance_scale=0.0, pipeline=self.pipeline_class)
         return SamplingDefaults(steps=28, guidance_scale=2.0, pipeline=self.pipeline_class)
 
-    def sizes(self, variant: Optional[str] = None) -> FamilySizes:
-        return ZIMAGE_SIZES
+    def sizes(self) -> FamilySizes:
+        return DIT_SIZES["zimage"]
 
-
-# Parameter counts of the published models, counted from their configs on the meta device (diffusers
-# 0.42.1, transformers 5): LoRA per rank sums in + out features of the targets (kohya/peft: r*(in+out)).
-_CLIP_L_PROJ, _CLIP_G_PROJ, _T5_XXL, _QWEN3_4B, _FLUX_VAE = 123_650_304, 694_659_840, 4_762_310_656, 4_022_468_096, 83_821_011
-SD3_SIZES = {
-    "large": FamilySizes(8_056_627_520, (_CLIP_L_PROJ, _CLIP_G_PROJ, _T5_XXL), _FLUX_VAE, 4_581_888, 1_473_792, 1024),
-    "medium": FamilySizes(2_243_171_520, (_CLIP_L_PROJ, _CLIP_G_PROJ, _T5_XXL), _FLUX_VAE, 2_038_272, 746_496, 1024),
-}
-ZIMAGE_SIZES = FamilySizes(6_154_908_736, (_QWEN3_4B,), _FLUX_VAE, 2_980_352, 1_044_480, 1024)
 
 DIT_IMPLEMENTATIONS: dict[str, DitFamily] = {"sd3": SD3Family(), "zimage": ZImageFamily()}

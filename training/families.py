@@ -16,7 +16,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from training.errors import ConfigError, LoraSearchError
 
@@ -80,14 +80,24 @@ class SamplingDefaults:
 
 @dataclass(frozen=True)
 class FamilySizes:
-    """Published parameter counts for the VRAM estimate (see :mod:`training.vram`)."""
+    """Sizes of a published DiT for the VRAM estimate (see :mod:`training.vram`)."""
 
     transformer_params: int
-    text_encoder_params: tuple[int, ...]
     vae_params: int
-    lora_params_per_rank: int  # default targets (every block Linear)
+    lora_params_per_rank: int  # default targets (every block Linear): sum of in + out features
     attention_lora_params_per_rank: int  # attention-only targets
-    default_resolution: int
+    layers: int  # transformer blocks every token passes (Z-Image: 30 layers + 2 refiners)
+    width: int  # hidden size
+    caption_tokens: int  # text tokens per sample beside the image tokens
+
+
+# Counted from the published configs on the meta device (diffusers 0.42.1; tests/test_dit_vram.py recounts).
+DIT_SIZES = {
+    "sd3": FamilySizes(8_056_627_520, 83_821_011, 4_581_888, 1_473_792, layers=38, width=2432,
+                       caption_tokens=77 + 256),  # SD3.5 Large; CLIP-L/G 77 tokens + T5 256
+    "zimage": FamilySizes(6_154_908_736, 83_821_011, 2_980_352, 1_044_480, layers=32, width=3840,
+                          caption_tokens=256),  # Qwen3 chat-templated caption, padded to 32s; 512 at most
+}
 
 
 class ModelFamily(ABC):
@@ -141,8 +151,8 @@ class ModelFamily(ABC):
         """Steps and guidance for samples of the base model (``turbo``: its step-distilled variant)."""
 
     @abstractmethod
-    def sizes(self, variant: Optional[str] = None) -> FamilySizes:
-        """Parameter counts of the published model (``variant`` picks one where there are several)."""
+    def sizes(self) -> FamilySizes:
+        """Sizes of the published model, for the VRAM estimate."""
 
 
 def family(name: str) -> ModelFamily:
