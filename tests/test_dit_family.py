@@ -219,3 +219,35 @@ def test_one_training_step_from_a_diffusers_folder_trains_the_lora(folders, name
 def test_loading_a_folder_with_the_wrong_family_says_which_it_is(folders):
     with pytest.raises(DitLoadError, match="is a sd3 model, not zimage"):
         family("zimage").load(folders["sd3"])
+
+
+# --- sampling and metadata ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sd3", "zimage"])
+def test_cfg_1_ignores_the_negative_prompt_and_higher_cfg_uses_it(tmp_path, name):
+    import numpy as np
+
+    fam = FAMILIES[name]
+    pipe = build_tiny_sd3(tmp_path / "tok") if name == "sd3" else build_tiny_zimage()
+
+    def image(negative, cfg, seed=1):
+        out = fam.sample(pipe, "a photo of sks dog", negative_prompt=negative, width=32, height=32, steps=2,
+                         cfg_scale=cfg, seed=seed)
+        return np.asarray(out, dtype=np.int16)
+
+    first = image("blurry", 1.0)
+    assert first.shape == (32, 32, 3)
+    assert np.array_equal(first, image("ugly, watermark", 1.0))  # no guidance: the negative prompt is unused
+    assert not np.array_equal(image("blurry", 3.0), image("ugly, watermark", 3.0))
+    assert np.array_equal(image("blurry", 3.0), image("blurry", 3.0))  # same seed, same image
+    assert fam.sampling_defaults(turbo=True).cfg_scale == 1.0 and fam.sampling_defaults(turbo=True).steps <= 8
+
+
+def test_metadata_names_the_sd3_version_as_sd_scripts_and_the_timestep_sampling():
+    from training.tiny_dit import tiny_sd3_transformer, tiny_zimage_transformer
+
+    fam = SD3Family().with_flow(FlowSettings(weighting_scheme="logit_normal", training_shift=3.0))
+    meta = fam.metadata(tiny_sd3_transformer())  # qk_norm and no dual attention: SD3.5 Large's layout
+    assert meta["ss_base_model_version"] == "5-large" and meta["ss_weighting_scheme"] == "logit_normal"
+    assert meta["ss_training_shift"] == "3.0" and all(isinstance(v, str) for v in meta.values())
+    assert ZImageFamily().metadata(tiny_zimage_transformer())["ss_base_model_version"] == "zimage"

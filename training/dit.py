@@ -153,6 +153,28 @@ class DitFamily(ModelFamily):
         return out
 
     @staticmethod
+    @abstractmethod
+    def pipeline_guidance(cfg_scale: float) -> float:
+        """The pipeline's ``guidance_scale`` for a CFG scale in the usual convention (kohya's ``--l``)."""
+
+    def sample(self, pipe: Any, prompt: str, *, width: int, height: int, negative_prompt: str = "",
+               steps: Optional[int] = None, cfg_scale: Optional[float] = None, seed: int = 0, turbo: bool = False) -> Any:
+        """One sample image (PIL) through the family's pipeline; unset steps and CFG take the family's defaults."""
+        defaults = self.sampling_defaults(turbo)
+        guidance = self.pipeline_guidance(defaults.cfg_scale if cfg_scale is None else cfg_scale)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipe(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                    num_inference_steps=steps or defaults.steps, guidance_scale=guidance,
+                    generator=generator).images[0]
+
+    def metadata(self, model: Any) -> dict[str, str]:
+        """The family's kohya ``ss_*`` metadata: base model version and the timestep sampling."""
+        flow = self.flow
+        return {"ss_base_model_version": self.base_model_version(model), "ss_weighting_scheme": flow.weighting_scheme,
+                "ss_logit_mean": str(flow.logit_mean), "ss_logit_std": str(flow.logit_std),
+                "ss_mode_scale": str(flow.mode_scale), "ss_training_shift": str(flow.training_shift)}
+
+    @staticmethod
     def normalize_latents(vae: Any, raw: torch.Tensor) -> torch.Tensor:
         """VAE latents as the transformer sees them: ``(z - shift_factor) * scaling_factor``."""
         return (raw - vae.config.shift_factor) * vae.config.scaling_factor
@@ -164,7 +186,6 @@ class SD3Family(DitFamily):
 
     name: str = "sd3"
     pipeline_class: str = "StableDiffusion3Pipeline"
-    base_model_version: str = "sd3"
     block_classes: tuple[str, ...] = ("JointTransformerBlock",)
     file_format: LoraFileFormat = LoraFileFormat("transformer.", alpha_tensors=False)
     precondition: bool = True
@@ -186,11 +207,21 @@ class SD3Family(DitFamily):
                      pooled_projections=conditioning.pooled, timestep=self.model_timestep(sigmas),
                      return_dict=False)[0]
 
+    def base_model_version(self, model: Any) -> str:
+        # sd-scripts' names (library/sd3_utils.py): qk-norm marks 3.5, dual attention layers 3.5 Medium
+        if model.config.qk_norm is None:
+            return "medium"
+        return "5-medium" if model.config.dual_attention_layers else "5-large"
+
     def sampling_defaults(self, turbo: bool = False) -> SamplingDefaults:
         # SD3.5 Large Turbo: 4 steps without CFG (Stability's demo); the pipeline's defaults otherwise.
         if turbo:
-            return SamplingDefaults(steps=4, guidance_scale=0.0, pipeline=self.pipeline_class)
-        return SamplingDefaults(steps=28, guidance_scale=7.0, pipeline=self.pipeline_class)
+            return SamplingDefaults(steps=4, cfg_scale=1.0, pipeline=self.pipeline_class)
+        return SamplingDefaults(steps=28, cfg_scale=7.0, pipeline=self.pipeline_class)
+
+    @staticmethod
+    def pipeline_guidance(cfg_scale: float) -> float:
+        return cfg_scale  # StableDiffusion3Pipeline guides in the usual convention (off at <= 1)
 
     def sizes(self) -> FamilySizes:
         return DIT_SIZES["sd3"]
@@ -202,7 +233,6 @@ class ZImageFamily(DitFamily):
 
     name: str = "zimage"
     pipeline_class: str = "ZImagePipeline"
-    base_model_version: str = "zimage"
     block_classes: tuple[str, ...] = ("ZImageTransformerBlock",)
     file_format: LoraFileFormat = LoraFileFormat("diffusion_model.", alpha_tensors=True)
     precondition: bool = False
@@ -224,12 +254,19 @@ class ZImageFamily(DitFamily):
         out = model(frames, self.model_timestep(sigmas), list(conditioning.embeds), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
+    def base_model_version(self, model: Any) -> str:
+        return "zimage"
+
     def sampling_defaults(self, turbo: bool = False) -> SamplingDefaults:
-        # diffusers' ZImagePipeline guides as pos + g * (pos - neg): ComfyUI's "CFG c" is g = c - 1.
-        # Turbo: 8 steps at CFG 1 (g = 0). Base and De-Turbo: 28 steps at CFG 3 (g = 2).
+        # Turbo: 8 steps at CFG 1 (ComfyUI's template); De-Turbo: 25 steps at CFG 3 (ai-toolkit's preset).
         if turbo:
-            return SamplingDefaults(steps=8, guidance_scale=0.0, pipeline=self.pipeline_class)
-        return SamplingDefaults(steps=28, guidance_scale=2.0, pipeline=self.pipeline_class)
+            return SamplingDefaults(steps=8, cfg_scale=1.0, pipeline=self.pipeline_class)
+        return SamplingDefaults(steps=25, cfg_scale=3.0, pipeline=self.pipeline_class)
+
+    @staticmethod
+    def pipeline_guidance(cfg_scale: float) -> float:
+        # ZImagePipeline guides as pos + g * (pos - neg), on for any g > 0: the usual CFG c is g = c - 1.
+        return max(0.0, cfg_scale - 1.0)
 
     def sizes(self) -> FamilySizes:
         return DIT_SIZES["zimage"]

@@ -74,7 +74,7 @@ class SamplingDefaults:
     """How samples are made when the prompt line does not say (``--s`` steps, ``--l`` guidance)."""
 
     steps: int
-    guidance_scale: float  # in the pipeline's own convention (see each family)
+    cfg_scale: float  # kohya's/ComfyUI's convention: uncond + cfg * (cond - uncond); 1 = no guidance
     pipeline: str  # the diffusers pipeline class that samples
 
 
@@ -110,7 +110,6 @@ class ModelFamily(ABC):
 
     name: str
     pipeline_class: str
-    base_model_version: str  # kohya's ss_base_model_version
 
     @abstractmethod
     def load(self, folder: str | Path, dtype: "torch.dtype") -> Any:
@@ -145,6 +144,10 @@ class ModelFamily(ABC):
     def file_state_dict(self, lora: dict[str, Any], alpha: float, rank: int) -> dict[str, Any]:
         """LoRA tensors (module path -> ``(down, up)``) under the keys and strength convention of this
         family's file, the one diffusers' ``load_lora_weights`` and ComfyUI both load completely."""
+
+    @abstractmethod
+    def base_model_version(self, model: Any) -> str:
+        """kohya's ``ss_base_model_version`` for this model."""
 
     @abstractmethod
     def sampling_defaults(self, turbo: bool = False) -> SamplingDefaults:
