@@ -206,3 +206,26 @@ def test_a_file_for_another_model_is_refused_naming_what_is_missing(tmp_path):
         zimage.load(path)
     with pytest.raises(LoraSearchError, match="check network_dim"):
         DitLora(tiny_sd3_transformer(), FAMILIES["sd3"], dim=2, alpha=2).load(path)
+
+
+@pytest.mark.parametrize("name", ["sd3", "zimage"])
+def test_fp8_base_stores_block_weights_in_one_byte_and_still_trains_fp32_lora(name):
+    from training.dit import DitConditioning, store_base_in_fp8
+
+    model = store_base_in_fp8(BUILD[name](), torch.bfloat16)
+    fam = FAMILIES[name]
+    lora = DitLora(model, fam, dim=RANK, alpha=ALPHA)
+    layers = lora.layers().values()
+    assert sum(layer.base_layer.weight.dtype == torch.float8_e4m3fn for layer in layers) >= len(layers) // 2
+    assert {p.dtype for p in lora.parameters()} == {torch.float32}
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+    sigmas = torch.tensor([0.3, 0.8])
+    noisy, target = fam.noisy_input_and_target(x0, noise, sigmas)
+    if name == "sd3":
+        cond = DitConditioning(torch.randn(2, 5, 64).bfloat16(), torch.randn(2, 80).bfloat16())
+    else:
+        cond = DitConditioning([torch.randn(5, 16).bfloat16(), torch.randn(3, 16).bfloat16()])
+    loss = fam.loss(fam.predict(model, noisy.bfloat16(), sigmas, cond), target, sigmas).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and sum(p.grad.abs().sum() for p in lora.parameters()) > 0

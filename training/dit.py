@@ -272,4 +272,16 @@ class ZImageFamily(DitFamily):
         return DIT_SIZES["zimage"]
 
 
+def store_base_in_fp8(model: Any, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """kohya's ``fp8_base`` for a diffusers transformer: weights stored in float8 (e4m3), computed in ``compute_dtype``.
+
+    diffusers' layerwise casting upcasts each layer's weights for its forward only; norms and embeddings
+    stay in ``compute_dtype``. Call it before adding LoRA (:class:`training.dit_lora.DitLora` keeps the
+    LoRA weights in float32).
+    """
+    model.to(compute_dtype)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    return model
+
+
 DIT_IMPLEMENTATIONS: dict[str, DitFamily] = {"sd3": SD3Family(), "zimage": ZImageFamily()}
