@@ -10,6 +10,7 @@ import pytest
 
 from training.config import (ConfigError, config_from_dict, dumps_config, kohya_argument_names,
                              kohya_sd3_argument_names, load_training_config)
+from training.dit import SD3Family, ZImageFamily
 from training.families import check_family_config
 from training.flow import FlowSettings
 
@@ -73,6 +74,9 @@ def test_each_family_and_trainer_refuses_keys_it_would_ignore():
         check_family_config(cfg, "zimage", builtin=False)
     with pytest.raises(ConfigError, match="weighting_scheme applies to SD3/Z-Image models only"):
         check_family_config(cfg, "sdxl")
+    with pytest.raises(ConfigError, match="t5xxl_max_token_length applies to SD3 models only"):
+        check_family_config(config_from_dict({"t5xxl_max_token_length": 77}), "zimage")
+    check_family_config(config_from_dict({"t5xxl_max_token_length": 77}), "sd3")  # the built-in trainer reads it
     flow_only = config_from_dict({"weighting_scheme": "logit_normal", "training_shift": 3.0, "fp8_base": True})
     check_family_config(flow_only, "zimage")
     check_family_config(flow_only, "sd3")
@@ -84,3 +88,11 @@ def test_each_family_and_trainer_refuses_keys_it_would_ignore():
     with pytest.raises(ConfigError, match="fp8_base: the built-in trainer keeps sdxl weights"):
         check_family_config(config_from_dict({"fp8_base": True}), "sdxl")
     check_family_config(config_from_dict({"fp8_base": True}), "sdxl", builtin=False)
+
+
+def test_a_family_set_up_from_a_config_uses_its_timestep_sampling_and_t5_length():
+    cfg = config_from_dict({"weighting_scheme": "mode", "mode_scale": 0.8, "training_shift": 2.0,
+                            "t5xxl_max_token_length": 77})
+    sd3 = SD3Family().for_config(cfg)
+    assert sd3.flow == FlowSettings("mode", 0.0, 1.0, 0.8, 2.0) and sd3.t5_max_length == 77
+    assert ZImageFamily().for_config(cfg).flow == sd3.flow

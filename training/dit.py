@@ -79,6 +79,10 @@ class DitFamily(ModelFamily):
         """The same family with other timestep-sampling settings."""
         return dataclasses.replace(self, flow=flow)
 
+    def for_config(self, cfg: Any) -> "DitFamily":
+        """The family as a training config sets it up (timestep sampling; SD3's T5 length)."""
+        return self.with_flow(FlowSettings.from_config(cfg))
+
     def load(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
         import diffusers
 
@@ -190,6 +194,9 @@ class SD3Family(DitFamily):
     file_format: LoraFileFormat = LoraFileFormat("transformer.", alpha_tensors=False)
     precondition: bool = True
     t5_max_length: int = 256  # sd-scripts' t5xxl_max_token_length and the pipeline's default
+
+    def for_config(self, cfg: Any) -> "SD3Family":
+        return dataclasses.replace(super().for_config(cfg), t5_max_length=cfg.t5xxl_max_token_length)
 
     @staticmethod
     def model_timestep(sigmas: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,12 @@ DIT_FAMILIES = ("sd3", "zimage")
 
 # Config keys that only mean something for the flow-matching DiTs.
 FLOW_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift")
-# Keys only sd-scripts' sd3_train_network.py reads (it loads the encoders from separate files and swaps
-# blocks itself); the built-in trainer takes everything from the diffusers folder.
-SD3_SCRIPT_KEYS = ("clip_l", "clip_g", "t5xxl", "t5xxl_max_token_length", "apply_lg_attn_mask", "apply_t5_attn_mask",
-                   "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
-                   "enable_scaled_pos_embed", "blocks_to_swap", "disable_mmap_load_safetensors")
+# Keys of sd-scripts' sd3_train_network.py that only SD3 has. The built-in trainer takes the model from
+# the diffusers folder and reads only BUILTIN_SD3_KEYS of them.
+SD3_KEYS = ("clip_l", "clip_g", "t5xxl", "t5xxl_max_token_length", "apply_lg_attn_mask", "apply_t5_attn_mask",
+            "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
+            "enable_scaled_pos_embed", "blocks_to_swap", "disable_mmap_load_safetensors")
+BUILTIN_SD3_KEYS = ("t5xxl_max_token_length",)
 
 
 class UnsupportedModelError(LoraSearchError):
@@ -172,22 +173,34 @@ def check_family_config(cfg: Any, family_name: str, builtin: bool = True) -> Non
     """Refuse config keys that the model family (and the trainer: built-in or sd-scripts) would not use."""
     given = set(cfg.to_dict(include_defaults=False))
     if family_name not in DIT_FAMILIES:
-        stray = [key for key in FLOW_KEYS + SD3_SCRIPT_KEYS if key in given]
-        if stray:
-            raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {family_name} model")
-        if cfg.network_module != "networks.lora":
-            raise ConfigError(f"network_module = {cfg.network_module!r} is for SD3 models; use \"networks.lora\"")
-        if builtin and (cfg.fp8_base or cfg.fp8_base_unet):
-            raise ConfigError(f"fp8_base: the built-in trainer keeps {family_name} weights in the mixed_precision "
-                              "dtype; remove it (it applies to SD3/Z-Image) or use the kohya backend")
-        return
-    if builtin:
-        stray = [key for key in SD3_SCRIPT_KEYS if key in given]
-        if stray:
-            raise ConfigError(f"{stray[0]} is read by sd-scripts' sd3_train_network.py only; the built-in trainer "
-                              "takes the model from the diffusers folder: remove it or use the kohya backend")
-        return
-    _check_kohya_dit(cfg, family_name)
+        _check_unet(cfg, family_name, given, builtin)
+    elif builtin:
+        _check_builtin_dit(cfg, family_name, given)
+    else:
+        _check_kohya_dit(cfg, family_name)
+
+
+def _check_unet(cfg: Any, family_name: str, given: set[str], builtin: bool) -> None:
+    stray = [key for key in FLOW_KEYS + SD3_KEYS if key in given]
+    if stray:
+        raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {family_name} model")
+    if cfg.network_module != "networks.lora":
+        raise ConfigError(f"network_module = {cfg.network_module!r} is for SD3 models; use \"networks.lora\"")
+    if builtin and (cfg.fp8_base or cfg.fp8_base_unet):
+        raise ConfigError(f"fp8_base: the built-in trainer keeps {family_name} weights in the mixed_precision "
+                          "dtype; remove it (it applies to SD3/Z-Image) or use the kohya backend")
+
+
+def _check_builtin_dit(cfg: Any, family_name: str, given: set[str]) -> None:
+    if family_name == "zimage":
+        stray = [key for key in SD3_KEYS if key in given]
+        if stray or cfg.network_module != "networks.lora":
+            what = stray[0] if stray else f"network_module = {cfg.network_module!r}"
+            raise ConfigError(f"{what} applies to SD3 models only; remove it for this zimage model")
+    stray = [key for key in SD3_KEYS if key in given and key not in BUILTIN_SD3_KEYS]
+    if stray:
+        raise ConfigError(f"{stray[0]} is read by sd-scripts' sd3_train_network.py only; the built-in trainer "
+                          "takes the model from the diffusers folder: remove it or use the kohya backend")
 
 
 def _check_kohya_dit(cfg: Any, family_name: str) -> None:
