@@ -90,7 +90,8 @@ def test_dit_sizes_match_the_published_configs(name):
             model = ZImageTransformer2DModel()
         vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-    fam, sizes = (SD3Family() if name == "sd3" else ZImageFamily()), DIT_SIZES[name]
+    fam = SD3Family() if name == "sd3" else ZImageFamily()
+    sizes = DIT_SIZES[fam.vram_arch]
     modules = dict(model.named_modules())
 
     def per_rank(paths):

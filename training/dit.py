@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from training.errors import LoraSearchError
-from training.families import DIT_SIZES, FamilySizes, ModelFamily, SamplingDefaults, detect_family
+from training.families import ModelFamily, SamplingDefaults, detect_family
 from training.flow import FlowSettings, noisy_latents, sample_sigmas, velocity_target, weighted_mse
 from training.network import target_module_names
 
@@ -230,8 +230,6 @@ class SD3Family(DitFamily):
     def pipeline_guidance(cfg_scale: float) -> float:
         return cfg_scale  # StableDiffusion3Pipeline guides in the usual convention (off at <= 1)
 
-    def sizes(self) -> FamilySizes:
-        return DIT_SIZES["sd3"]
 
 
 @dataclass
@@ -275,8 +273,6 @@ class ZImageFamily(DitFamily):
         # ZImagePipeline guides as pos + g * (pos - neg), on for any g > 0: the usual CFG c is g = c - 1.
         return max(0.0, cfg_scale - 1.0)
 
-    def sizes(self) -> FamilySizes:
-        return DIT_SIZES["zimage"]
 
 
 def store_base_in_fp8(model: Any, compute_dtype: torch.dtype = torch.bfloat16) -> Any:

@@ -31,6 +31,8 @@ FAMILIES = {
     "ZImagePipeline": "zimage",
 }
 DIT_FAMILIES = ("sd3", "zimage")
+# family -> the architecture key of the VRAM estimate (training/vram.py SPECS)
+VRAM_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "zimage": "zimage"}
 
 # Config keys that only mean something for the flow-matching DiTs.
 FLOW_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift")
@@ -109,8 +111,13 @@ class ModelFamily(ABC):
     sampling and memory figures come from here too.
     """
 
-    name: str
-    pipeline_class: str
+    name: str  # one of FAMILIES' values
+    pipeline_class: str  # the diffusers pipeline that loads and samples it
+
+    @property
+    def vram_arch(self) -> str:
+        """Its architecture in the VRAM estimate (:data:`VRAM_ARCH`, ``training.vram.SPECS``)."""
+        return VRAM_ARCH[self.name]
 
     @abstractmethod
     def load(self, folder: str | Path, dtype: "torch.dtype") -> Any:
@@ -153,10 +160,6 @@ class ModelFamily(ABC):
     @abstractmethod
     def sampling_defaults(self, turbo: bool = False) -> SamplingDefaults:
         """Steps and guidance for samples of the base model (``turbo``: its step-distilled variant)."""
-
-    @abstractmethod
-    def sizes(self) -> FamilySizes:
-        """Sizes of the published model, for the VRAM estimate."""
 
 
 def family(name: str) -> ModelFamily:

@@ -36,7 +36,7 @@ from typing import Optional
 
 from training.config import TrainingConfig, parse_resolution
 from training.errors import ConfigError
-from training.families import DIT_SIZES, FAMILIES, FamilySizes
+from training.families import DIT_SIZES, FAMILIES, VRAM_ARCH, FamilySizes
 
 GIB = 1024 ** 3
 ARCHS = ("sd15", "sdxl", "sd3", "zimage")
@@ -257,7 +257,6 @@ _SD_MARKERS = ("model.diffusion_model.", "cond_stage_model.", "down_blocks.", "t
 # SD3's MMDiT (original and diffusers names) and Z-Image's refiners, checked before the SD markers.
 _DIT_MARKERS = {"sd3": ("model.diffusion_model.joint_blocks.", "joint_blocks.", "transformer_blocks.0.attn.add_q_proj."),
                 "zimage": ("model.diffusion_model.noise_refiner.", "noise_refiner.", "diffusion_model.noise_refiner.")}
-_VRAM_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "zimage": "zimage"}
 
 
 def _safetensors_keys(path: Path) -> Optional[list[str]]:
@@ -280,7 +279,7 @@ def _folder_arch(folder: Path) -> Optional[str]:
         except (OSError, ValueError):
             continue
         if data.get("_class_name") in FAMILIES:
-            return _VRAM_ARCH[FAMILIES[data["_class_name"]]]
+            return VRAM_ARCH[FAMILIES[data["_class_name"]]]
         if "XL" in str(data.get("_class_name", "")) or data.get("addition_embed_type") == "text_time":
             return "sdxl"
         if "_class_name" in data:
