@@ -9,6 +9,7 @@ safetensors metadata is not read; keys it does not know are skipped with a log l
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -20,8 +21,11 @@ from training.dit_lora import DitLora
 from training.errors import LoraSearchError
 from training.tiny_dit import build_tiny_sd3, build_tiny_zimage, tiny_sd3_transformer, tiny_zimage_transformer
 
-FAMILIES = {"sd3": SD3Family(), "zimage": ZImageFamily()}
-BUILD = {"sd3": tiny_sd3_transformer, "zimage": tiny_zimage_transformer}
+# kind -> (family, tiny transformer); "sd35m" has SD3.5 Medium's dual attention blocks
+FAMILIES = {"sd3": SD3Family(), "sd35m": SD3Family(), "zimage": ZImageFamily()}
+BUILD = {"sd3": tiny_sd3_transformer, "sd35m": partial(tiny_sd3_transformer, dual_attention_layers=(0,)),
+         "zimage": tiny_zimage_transformer}
+KINDS = ["sd3", "sd35m", "zimage"]
 RANK, ALPHA = 4, 8.0  # strength alpha / rank = 2: a loader that drops alpha is caught
 
 
@@ -54,7 +58,7 @@ def formula_deltas(lora):
 def inputs(name):
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 8, 8, generator=generator)
-    if name == "sd3":
+    if name != "zimage":
         return dict(hidden_states=latents, encoder_hidden_states=torch.randn(1, 6, 64, generator=generator),
                     pooled_projections=torch.randn(1, 80, generator=generator), timestep=torch.tensor([500.0]))
     return dict(x=list(latents.unsqueeze(2).unbind(0)), t=torch.tensor([0.5]),
@@ -69,17 +73,17 @@ def output(model, name):
 
 # --- targets --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,default,attention", [("sd3", 25, 15), ("zimage", 31, 16)])
+@pytest.mark.parametrize("name,default,attention", [("sd3", 25, 15), ("sd35m", 29, 19), ("zimage", 31, 16)])
 def test_every_block_linear_by_default_and_attention_only_on_request(name, default, attention):
     model = BUILD[name]()
     fam = FAMILIES[name]
     targets = fam.lora_targets(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len(targets) == default and set(targets) <= linears
-    blocks = ("transformer_blocks.",) if name == "sd3" else ("layers.", "noise_refiner.", "context_refiner.")
+    blocks = ("layers.", "noise_refiner.", "context_refiner.") if name == "zimage" else ("transformer_blocks.",)
     assert all(t.startswith(blocks) for t in targets)
     attn = fam.lora_targets(model, attention_only=True)
-    assert len(attn) == attention and all((".attn." in t or ".attention." in t) for t in attn)
+    assert len(attn) == attention and all((".attn." in t or ".attn2." in t or ".attention." in t) for t in attn)
 
 
 @pytest.mark.parametrize("name", ["sd3", "zimage"])
@@ -99,11 +103,11 @@ def lora_layer_paths(model):
     return {n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
 
 
-@pytest.mark.parametrize("name", ["sd3", "zimage"])
+@pytest.mark.parametrize("name", KINDS)
 def test_diffusers_load_lora_weights_uses_every_key_at_the_right_strength(tmp_path, name):
     base, model, lora = randomized_lora(name)
     path = lora.save(tmp_path / "lora.safetensors", {"ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA)})
-    pipe = build_tiny_sd3(tmp_path / "tok") if name == "sd3" else build_tiny_zimage()
+    pipe = build_tiny_zimage() if name == "zimage" else build_tiny_sd3(tmp_path / "tok")
     pipe.transformer = copy.deepcopy(base)
     pipe.load_lora_weights(str(path))
     assert lora_layer_paths(pipe.transformer) == set(lora.targets)
@@ -162,11 +166,11 @@ def comfy_load(tensors, names):
     return deltas, set(tensors) - used
 
 
-@pytest.mark.parametrize("name", ["sd3", "zimage"])
+@pytest.mark.parametrize("name", KINDS)
 def test_comfyui_maps_every_key_and_applies_the_trained_strength(tmp_path, name):
     base, model, lora = randomized_lora(name)
     path = lora.save(tmp_path / "lora.safetensors", {"ss_network_alpha": str(ALPHA)})
-    names = (comfy_sd3_lora_names if name == "sd3" else comfy_zimage_lora_names)(base.config)
+    names = (comfy_zimage_lora_names if name == "zimage" else comfy_sd3_lora_names)(base.config)
     deltas, unused = comfy_load(load_file(str(path)), names)
     assert unused == set() and set(deltas) == set(lora.targets)
     expected = formula_deltas(lora)

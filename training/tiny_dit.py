@@ -27,8 +27,12 @@ _CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_sd3_transformer(seed: int = 0):
-    """A two-block ``SD3Transformer2DModel`` (90.8 k parameters); latents up to 64x64."""
+def tiny_sd3_transformer(seed: int = 0, dual_attention_layers: tuple[int, ...] = ()):
+    """A two-block ``SD3Transformer2DModel`` (90.8 k parameters); latents up to 64x64.
+
+    With qk-norm it has SD3.5 Large's layout; ``dual_attention_layers=(0,)`` gives SD3.5 Medium's
+    (a second image-only attention, ``attn2``, in those blocks).
+    """
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -36,6 +40,7 @@ def tiny_sd3_transformer(seed: int = 0):
         sample_size=32, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_DIM, caption_projection_dim=32,
         pooled_projection_dim=TEXT_DIM + TEXT_DIM_2, pos_embed_max_size=32, qk_norm="rms_norm",
+        dual_attention_layers=dual_attention_layers,
     )
 
 
