@@ -11,6 +11,7 @@ from training.dit import SD3Family, ZImageFamily
 from training.dit_lora import DitLora
 from training.errors import LoraSearchError
 from training.tiny_dit import build_tiny_zimage, tiny_zimage_transformer
+from dit_fixtures import one_torch_thread  # noqa: F401  (autouse)
 
 ZIMAGE = ZImageFamily()
 

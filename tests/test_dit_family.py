@@ -15,6 +15,7 @@ from training.errors import ConfigError
 from training.families import UnsupportedModelError, detect_family, family
 from training.flow import FlowSettings, loss_weights, sample_sigmas
 from training.tiny_dit import build_tiny_sd3, build_tiny_zimage, save_tiny_sd3, save_tiny_zimage
+from dit_fixtures import one_torch_thread  # noqa: F401  (autouse)
 
 FAMILIES = {"sd3": SD3Family(), "zimage": ZImageFamily()}
 
@@ -251,3 +252,34 @@ def test_metadata_names_the_sd3_version_as_sd_scripts_and_the_timestep_sampling(
     assert meta["ss_base_model_version"] == "5-large" and meta["ss_weighting_scheme"] == "logit_normal"
     assert meta["ss_training_shift"] == "3.0" and all(isinstance(v, str) for v in meta.values())
     assert ZImageFamily().metadata(tiny_zimage_transformer())["ss_base_model_version"] == "zimage"
+
+
+@pytest.mark.parametrize("name", ["sd3", "zimage"])
+def test_training_loss_replays_from_the_rng_state_and_falls_as_the_lora_trains(name):
+    from training.tiny_dit import tiny_sd3_transformer, tiny_zimage_transformer
+
+    fam = FAMILIES[name].with_flow(FlowSettings(weighting_scheme="logit_normal"))
+    model = tiny_sd3_transformer() if name == "sd3" else tiny_zimage_transformer()
+    lora = DitLora(model, fam, dim=4, alpha=4)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    if name == "sd3":
+        cond = DitConditioning(torch.randn(2, 5, 64, generator=generator), torch.randn(2, 80, generator=generator))
+    else:
+        cond = DitConditioning([torch.randn(5, 16, generator=generator), torch.randn(3, 16, generator=generator)])
+    state = generator.get_state()
+    first = fam.training_loss(model, latents, cond, generator)
+    generator.set_state(state)
+    assert torch.equal(fam.training_loss(model, latents, cond, generator), first)
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-2)
+
+    def fixed_step_loss():
+        generator.set_state(state)  # the same noise and sigmas every time: only the LoRA changes
+        return fam.training_loss(model, latents, cond, generator).mean()
+
+    before = fixed_step_loss().item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        fixed_step_loss().backward()
+        optimizer.step()
+    assert fixed_step_loss().item() < 0.9 * before

@@ -20,6 +20,7 @@ from training.dit import SD3Family, ZImageFamily
 from training.dit_lora import DitLora
 from training.errors import LoraSearchError
 from training.tiny_dit import build_tiny_sd3, build_tiny_zimage, tiny_sd3_transformer, tiny_zimage_transformer
+from dit_fixtures import one_torch_thread  # noqa: F401  (autouse)
 
 # kind -> (family, tiny transformer); "sd35m" has SD3.5 Medium's dual attention blocks
 FAMILIES = {"sd3": SD3Family(), "sd35m": SD3Family(), "zimage": ZImageFamily()}

@@ -120,6 +120,15 @@ class DitFamily(ModelFamily):
         """Per-sample loss, shape ``(B,)``, weighted by :attr:`flow`'s ``weighting_scheme``."""
         return weighted_mse(prediction, target, sigmas, self.flow)
 
+    def training_loss(self, model: Any, latents: torch.Tensor, conditioning: DitConditioning,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One batch's per-sample loss: noise, then ``sigma``, drawn in that order (so a restored RNG state
+        replays the same step), the noisy input, the prediction and its loss."""
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        sigmas = self.sample_noise_levels(latents.shape[0], latents.device, generator)
+        noisy, target = self.noisy_input_and_target(latents, noise, sigmas)
+        return self.loss(self.predict(model, noisy, sigmas, conditioning), target, sigmas)
+
     def lora_targets(self, model: Any, attention_only: bool = False) -> list[str]:
         blocks = target_module_names(model, self.block_classes)
         if not attention_only:
