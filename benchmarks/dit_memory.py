@@ -47,7 +47,8 @@ def build(arch: str, device: torch.device, smoke: bool):
     return (SD3Family() if arch == "sd3" else ZImageFamily()), model.to(torch.bfloat16)
 
 
-def conditioning(arch: str, model, batch: int, device: torch.device, dtype: torch.dtype, smoke: bool) -> DitConditioning:
+def conditioning(arch: str, model, batch: int, device: torch.device, dtype: torch.dtype,
+                 smoke: bool) -> DitConditioning:
     """Random caption features of the model's widths and the estimate's caption lengths (8 for ``smoke``)."""
     tokens = 8 if smoke else DIT_SIZES[arch].caption_tokens
     if arch == "sd3":
@@ -86,7 +87,8 @@ def run(arch: str, resolution: int, batch: int, dim: int, optimizer: str, checkp
         sigmas = fam.sample_noise_levels(batch, device)
         noisy, target = fam.noisy_input_and_target(latents, noise, sigmas)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            prediction = fam.predict(model, noisy.to(dtype), sigmas, conditioning(arch, model, batch, device, dtype, smoke))
+            cond = conditioning(arch, model, batch, device, dtype, smoke)
+            prediction = fam.predict(model, noisy.to(dtype), sigmas, cond)
         fam.loss(prediction, target, sigmas).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

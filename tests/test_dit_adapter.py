@@ -49,7 +49,8 @@ def output(model):
     generator = torch.Generator().manual_seed(1)
     x = [torch.randn(16, 1, 8, 8, generator=generator)]
     with torch.no_grad():
-        return torch.stack(model(x, torch.tensor([0.4]), [torch.randn(5, 16, generator=generator)], return_dict=False)[0])
+        caption = [torch.randn(5, 16, generator=generator)]
+        return torch.stack(model(x, torch.tensor([0.4]), caption, return_dict=False)[0])
 
 
 def test_training_sees_turbo_plus_adapter_plus_lora_and_samples_see_turbo_plus_lora(tmp_path):

@@ -130,7 +130,8 @@ def loss_minimizing_output(fam, noisy, sigmas, x0, noise, conditioning):
     def gradient(value):
         raw = torch.full_like(noisy, value, requires_grad=True)
         with torch.enable_grad():  # pipelines sample under no_grad
-                fam.loss(fam.predict(_RawOutput(raw, as_list), noisy, sigmas, conditioning), target, sigmas).sum().backward()
+                prediction = fam.predict(_RawOutput(raw, as_list), noisy, sigmas, conditioning)
+            fam.loss(prediction, target, sigmas).sum().backward()
         return raw.grad
 
     g0, g1 = gradient(0.0), gradient(1.0)

@@ -69,8 +69,10 @@ def test_arch_from_dit_folders_and_files(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
         assert infer_arch(str(tmp_path / name)) == name
-    files = {"sd3": ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.x_embedder.proj.weight"],
-             "zimage": ["model.diffusion_model.noise_refiner.0.attention.qkv.weight", "model.diffusion_model.layers.0.attention.out.weight"]}
+    files = {"sd3": ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+                     "model.diffusion_model.x_embedder.proj.weight"],
+             "zimage": ["model.diffusion_model.noise_refiner.0.attention.qkv.weight",
+                        "model.diffusion_model.layers.0.attention.out.weight"]}
     for arch, keys in files.items():
         path = tmp_path / f"{arch}.safetensors"
         save_file({key: torch.zeros(1) for key in keys}, str(path))

@@ -33,7 +33,8 @@ class TrainingAdapter:
         self.entries = family.read_file_state_dict(_read(self.path))
         if not self.entries:
             raise LoraSearchError(f"training_adapter {self.path}: no {family.name} LoRA keys "
-                                  f"({family.file_format.prefix}...lora_A.weight) found; is it an adapter for this model?")
+                                  f"({family.file_format.prefix}...lora_A.weight) found; "
+                                  "is it an adapter for this model?")
         modules = dict(transformer.named_modules())
         for module_path, (down, up, _) in self.entries.items():
             layer = _base_linear(modules.get(module_path))

@@ -106,14 +106,16 @@ class DitFamily(ModelFamily):
         noisy = noisy_latents(latents, noise, sigmas)
         return noisy, (latents if self.precondition else velocity_target(latents, noise))
 
-    def predict(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor, conditioning: DitConditioning) -> torch.Tensor:
+    def predict(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor,
+                conditioning: DitConditioning) -> torch.Tensor:
         velocity = self.velocity(model, noisy, sigmas, conditioning)
         if not self.precondition:
             return velocity
         return noisy - sigmas.to(velocity.dtype).view(-1, 1, 1, 1) * velocity
 
     @abstractmethod
-    def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor, conditioning: DitConditioning) -> torch.Tensor:
+    def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor,
+                 conditioning: DitConditioning) -> torch.Tensor:
         """The transformer's velocity prediction ``noise - x0`` for ``noisy`` (B, C, H, W) at ``sigmas``."""
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -149,7 +151,8 @@ class DitFamily(ModelFamily):
                 out[f"{key}.lora_B.weight"] = up * scale
         return out
 
-    def read_file_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    def read_file_state_dict(self, tensors: dict[str, torch.Tensor]
+                             ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """``module path -> (down, up, scale)`` from a file in this family's format (scale 1 when no alpha)."""
         prefix, out = self.file_format.prefix, {}
         for key, down in tensors.items():
@@ -171,7 +174,8 @@ class DitFamily(ModelFamily):
         """The pipeline's ``guidance_scale`` for a CFG scale in the usual convention (kohya's ``--l``)."""
 
     def sample(self, pipe: Any, prompt: str, *, width: int, height: int, negative_prompt: str = "",
-               steps: Optional[int] = None, cfg_scale: Optional[float] = None, seed: int = 0, turbo: bool = False) -> Any:
+               steps: Optional[int] = None, cfg_scale: Optional[float] = None, seed: int = 0,
+               turbo: bool = False) -> Any:
         """One sample image (PIL) through the family's pipeline; unset steps and CFG take the family's defaults."""
         defaults = self.sampling_defaults(turbo)
         guidance = self.pipeline_guidance(defaults.cfg_scale if cfg_scale is None else cfg_scale)
@@ -218,7 +222,8 @@ class SD3Family(DitFamily):
                 do_classifier_free_guidance=False, max_sequence_length=self.t5_max_length)
         return DitConditioning(embeds=embeds, pooled=pooled)
 
-    def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor, conditioning: DitConditioning) -> torch.Tensor:
+    def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor,
+                 conditioning: DitConditioning) -> torch.Tensor:
         return model(hidden_states=noisy, encoder_hidden_states=conditioning.embeds,
                      pooled_projections=conditioning.pooled, timestep=self.model_timestep(sigmas),
                      return_dict=False)[0]
@@ -263,7 +268,8 @@ class ZImageFamily(DitFamily):
                                              max_sequence_length=self.max_caption_tokens)
         return DitConditioning(embeds=list(embeds))
 
-    def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor, conditioning: DitConditioning) -> torch.Tensor:
+    def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor,
+                 conditioning: DitConditioning) -> torch.Tensor:
         frames = list(noisy.unsqueeze(2).unbind(0))
         out = model(frames, self.model_timestep(sigmas), list(conditioning.embeds), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)

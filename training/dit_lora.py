@@ -118,7 +118,8 @@ class DitLora:
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for a torn file
-            raise LoraSearchError(f"network_weights {path}: not a readable safetensors file ({exc}); check it") from None
+            raise LoraSearchError(f"network_weights {path}: not a readable safetensors file ({exc}); "
+                                  "check it") from None
         entries = self.family.read_file_state_dict(tensors)
         self._check_coverage(set(entries), str(path))
         with torch.no_grad():

@@ -43,7 +43,8 @@ class FlowSettings:
 
     def __post_init__(self) -> None:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ConfigError(f"weighting_scheme = {self.weighting_scheme!r}: use one of {', '.join(WEIGHTING_SCHEMES)}")
+            raise ConfigError(f"weighting_scheme = {self.weighting_scheme!r}: use one of "
+                              + ", ".join(WEIGHTING_SCHEMES))
         if not (math.isfinite(self.training_shift) and self.training_shift > 0):
             raise ConfigError(f"training_shift = {self.training_shift!r}: must be a number > 0 (1.0 = no shift)")
         if not (math.isfinite(self.logit_std) and self.logit_std > 0):

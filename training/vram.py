@@ -255,8 +255,10 @@ def vram_line(cfg: TrainingConfig, arch: Optional[str] = None) -> str:
 _SDXL_MARKERS = ("conditioner.embedders.1.", "model.diffusion_model.label_emb.", "add_embedding.")
 _SD_MARKERS = ("model.diffusion_model.", "cond_stage_model.", "down_blocks.", "text_model.")
 # SD3's MMDiT (original and diffusers names) and Z-Image's refiners, checked before the SD markers.
-_DIT_MARKERS = {"sd3": ("model.diffusion_model.joint_blocks.", "joint_blocks.", "transformer_blocks.0.attn.add_q_proj."),
-                "zimage": ("model.diffusion_model.noise_refiner.", "noise_refiner.", "diffusion_model.noise_refiner.")}
+_DIT_MARKERS = {
+    "sd3": ("model.diffusion_model.joint_blocks.", "joint_blocks.", "transformer_blocks.0.attn.add_q_proj."),
+    "zimage": ("model.diffusion_model.noise_refiner.", "noise_refiner.", "diffusion_model.noise_refiner."),
+}
 
 
 def _safetensors_keys(path: Path) -> Optional[list[str]]:
