@@ -130,7 +130,7 @@ def loss_minimizing_output(fam, noisy, sigmas, x0, noise, conditioning):
     def gradient(value):
         raw = torch.full_like(noisy, value, requires_grad=True)
         with torch.enable_grad():  # pipelines sample under no_grad
-                prediction = fam.predict(_RawOutput(raw, as_list), noisy, sigmas, conditioning)
+            prediction = fam.predict(_RawOutput(raw, as_list), noisy, sigmas, conditioning)
             fam.loss(prediction, target, sigmas).sum().backward()
         return raw.grad
 
