@@ -84,8 +84,8 @@ def test_vram_line_names_the_settings():
 
 
 def test_unknown_arch_is_one_clear_error():
-    with pytest.raises(ConfigError, match="architecture 'sd3'.*sd15, sdxl"):
-        estimate_vram(config(), "sd3")
+    with pytest.raises(ConfigError, match="architecture 'flux'.*sd15, sdxl, sd3, zimage"):
+        estimate_vram(config(), "flux")
 
 
 # --------------------------------------------------------------------------- architecture inference

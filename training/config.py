@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import tomllib
 import typing
@@ -35,12 +36,19 @@ SCHEDULERS = (
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOG_WITH = ("tensorboard", "wandb", "all")
+# networks.lora for SD 1.x/SDXL, networks.lora_sd3 for sd-scripts' sd3_train_network.py.
+NETWORK_MODULES = ("networks.lora", "networks.lora_sd3")
+# sd-scripts' --weighting_scheme choices (add_dit_training_arguments); "none" and "uniform" are the same.
+WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 # torch.compile backends the trainer accepts (sd-scripts offers more, which need extra packages).
 DYNAMO_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 
 # Every argument name of sd-scripts' train_network.py (read from its argparse set-up). A key from this
 # list that is not a TrainingConfig field is "not supported" rather than "unknown".
 _KOHYA_ARGS_FILE = Path(__file__).with_name("kohya_args.txt")
+# The names sd-scripts' sd3_train_network.py adds to those (add_dit_training_arguments and
+# add_sd3_training_arguments); fields from this list are passed through to it by the kohya backend.
+_KOHYA_SD3_ARGS_FILE = Path(__file__).with_name("kohya_sd3_args.txt")
 
 
 def _opt(default: Any, section: str, help: str) -> Any:
@@ -62,8 +70,25 @@ class TrainingConfig:
     clip_skip: Optional[int] = _opt(None, "model", "use the output of the n-th last text-encoder layer")
     max_token_length: Optional[int] = _opt(None, "model", "75, 150 or 225 caption tokens")
 
+    fp8_base: bool = _opt(False, "model", "store the frozen base model in fp8 (compute stays bf16/fp16)")
+    fp8_base_unet: bool = _opt(False, "model", "fp8 for the UNet/DiT only, text encoders as they are")
+    clip_l: Optional[str] = _opt(None, "model", "SD3: CLIP-L file for sd3_train_network.py")
+    clip_g: Optional[str] = _opt(None, "model", "SD3: CLIP-G file for sd3_train_network.py")
+    t5xxl: Optional[str] = _opt(None, "model", "SD3: T5-XXL file for sd3_train_network.py")
+    t5xxl_max_token_length: int = _opt(256, "model", "SD3: T5-XXL caption tokens")
+    apply_lg_attn_mask: bool = _opt(False, "model", "SD3: zero CLIP-L/G embeddings of padding tokens")
+    apply_t5_attn_mask: bool = _opt(False, "model", "SD3: zero T5-XXL embeddings of padding tokens")
+    clip_l_dropout_rate: float = _opt(0.0, "model", "SD3: probability of dropping CLIP-L's output")
+    clip_g_dropout_rate: float = _opt(0.0, "model", "SD3: probability of dropping CLIP-G's output")
+    t5_dropout_rate: float = _opt(0.0, "model", "SD3: probability of dropping T5-XXL's output")
+    pos_emb_random_crop_rate: float = _opt(0.0, "model", "SD3.5 Medium: random crop rate of position embeddings")
+    enable_scaled_pos_embed: bool = _opt(False, "model", "SD3.5 Medium: scale position embeddings per resolution")
+    disable_mmap_load_safetensors: bool = _opt(False, "model", "read safetensors without mmap (faster on WSL)")
+    blocks_to_swap: Optional[int] = _opt(None, "model", "SD3: transformer blocks kept in CPU memory (sd-scripts)")
+
     # network
-    network_module: str = _opt("networks.lora", "network", "only networks.lora (kohya LoRA) is supported")
+    network_module: str = _opt("networks.lora", "network", "networks.lora, or networks.lora_sd3 for sd-scripts' "
+                               "sd3_train_network.py")
     network_dim: int = _opt(4, "network", "LoRA rank")
     network_alpha: float = _opt(1.0, "network", "LoRA alpha; the update is scaled by alpha / dim")
     network_dropout: Optional[float] = _opt(None, "network", "dropout on the LoRA down projection's output")
@@ -102,6 +127,15 @@ class TrainingConfig:
     xformers: bool = _opt(False, "training", "refused: lora-search uses PyTorch SDPA")
     min_snr_gamma: Optional[float] = _opt(None, "training", "min-SNR loss weighting gamma; 0 or unset disables")
     noise_offset: Optional[float] = _opt(None, "training", "noise offset strength")
+    weighting_scheme: str = _opt("uniform", "training", "flow-matching timestep sampling: "
+                                 + ", ".join(WEIGHTING_SCHEMES))
+    logit_mean: float = _opt(0.0, "training", "logit_normal: mean (> 0 trains more on noisy inputs)")
+    logit_std: float = _opt(1.0, "training", "logit_normal: standard deviation")
+    mode_scale: float = _opt(1.29, "training", "mode: how strongly mid-schedule noise levels are favoured")
+    training_shift: float = _opt(1.0, "training", "flow-matching time shift; > 1 trains more on noisy inputs")
+    cache_text_encoder_outputs: bool = _opt(False, "training", "encode captions once (no shuffle or caption dropout)")
+    cache_text_encoder_outputs_to_disk: bool = _opt(False, "training", "keep the caption encodings on disk")
+    text_encoder_batch_size: Optional[int] = _opt(None, "training", "captions per text-encoder batch when caching")
     max_data_loader_n_workers: int = _opt(8, "training", "data loader worker processes")
     persistent_data_loader_workers: bool = _opt(False, "training", "keep data loader workers between epochs")
 
@@ -152,13 +186,18 @@ class TrainingConfig:
         return self.unet_lr if self.unet_lr is not None else self.learning_rate
 
     def to_dict(self, include_defaults: bool = True) -> dict[str, Any]:
-        """The config as flat kohya keys; ``None`` values are left out (TOML has no null)."""
+        """The config as flat kohya keys; ``None`` values are left out (TOML has no null).
+
+        Keys only ``sd3_train_network.py`` knows are left out at their default even with
+        ``include_defaults``: ``train_network.py`` refuses them, and the default means the same.
+        """
         out = {}
+        sd3_only = kohya_sd3_argument_names()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
                 continue
-            if not include_defaults and value == _default_of(f):
+            if (not include_defaults or f.name in sd3_only) and value == _default_of(f):
                 continue
             out[f.name] = value
         return out
@@ -191,8 +230,10 @@ def _check_choices(cfg: TrainingConfig) -> None:
         raise _bad("mixed_precision", cfg.mixed_precision, "use no, fp16 or bf16")
     if cfg.save_precision not in (None, "float", "fp16", "bf16"):
         raise _bad("save_precision", cfg.save_precision, "use float, fp16 or bf16")
-    if cfg.network_module != "networks.lora":
-        raise _bad("network_module", cfg.network_module, 'only "networks.lora" (kohya LoRA) is supported')
+    if cfg.network_module not in NETWORK_MODULES:
+        raise _bad("network_module", cfg.network_module, "use " + " or ".join(NETWORK_MODULES))
+    if cfg.weighting_scheme not in WEIGHTING_SCHEMES:
+        raise _bad("weighting_scheme", cfg.weighting_scheme, "use one of " + ", ".join(WEIGHTING_SCHEMES))
     if cfg.save_model_as != "safetensors":
         raise _bad("save_model_as", cfg.save_model_as, 'only "safetensors" is written')
     if cfg.xformers:
@@ -222,12 +263,12 @@ def _check_numbers(cfg: TrainingConfig) -> None:
         if getattr(cfg, key) < 1:
             raise _bad(key, getattr(cfg, key), "must be at least 1")
     for key in ("max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "save_every_n_steps",
-                "sample_every_n_steps", "clip_skip"):
+                "sample_every_n_steps", "clip_skip", "text_encoder_batch_size", "t5xxl_max_token_length"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise _bad(key, value, "must be at least 1 (or left out)")
-    for key in ("lr_warmup_steps", "keep_tokens", "max_data_loader_n_workers"):
-        if getattr(cfg, key) < 0:
+    for key in ("lr_warmup_steps", "keep_tokens", "max_data_loader_n_workers", "blocks_to_swap"):
+        if (getattr(cfg, key) or 0) < 0:
             raise _bad(key, getattr(cfg, key), "must not be negative")
     for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
         value = getattr(cfg, key)
@@ -237,10 +278,17 @@ def _check_numbers(cfg: TrainingConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise _bad(key, value, "must be a finite number >= 0")
-    for key in ("network_dropout", "caption_dropout_rate"):
+    for key in ("network_dropout", "caption_dropout_rate", "clip_l_dropout_rate", "clip_g_dropout_rate",
+                "t5_dropout_rate", "pos_emb_random_crop_rate"):
         value = getattr(cfg, key)
         if value is not None and not 0 <= value < 1:
             raise _bad(key, value, "must be in [0, 1)")
+    for key in ("training_shift", "logit_std"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
+            raise _bad(key, getattr(cfg, key), "must be a number > 0")
+    for key in ("logit_mean", "mode_scale"):
+        if not math.isfinite(getattr(cfg, key)):
+            raise _bad(key, getattr(cfg, key), "must be a finite number")
     if cfg.min_bucket_reso > cfg.max_bucket_reso:
         raise _bad("min_bucket_reso", cfg.min_bucket_reso, f"must not exceed max_bucket_reso ({cfg.max_bucket_reso})")
     if cfg.resolution is not None:
@@ -278,6 +326,12 @@ _HINTS = typing.get_type_hints(TrainingConfig)
 def kohya_argument_names() -> frozenset[str]:
     """Every argument name sd-scripts' ``train_network.py`` accepts (read from its parser)."""
     return frozenset(_KOHYA_ARGS_FILE.read_text().split())
+
+
+@functools.cache
+def kohya_sd3_argument_names() -> frozenset[str]:
+    """The argument names ``sd3_train_network.py`` accepts on top of :func:`kohya_argument_names`."""
+    return frozenset(_KOHYA_SD3_ARGS_FILE.read_text().split())
 
 
 def value_type(key: str) -> type:
@@ -319,7 +373,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def unknown_key_error(key: str, where: str) -> ConfigError:
     """The error for a key that is not a :class:`TrainingConfig` field, with the nearest valid name."""
-    if key in kohya_argument_names():
+    if key in kohya_argument_names() | kohya_sd3_argument_names():
         return ConfigError(f"{where}: '{key}' is an sd-scripts option lora-search does not support; remove it")
     near = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"did you mean '{near[0]}'?" if near else "remove it"

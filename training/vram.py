@@ -8,7 +8,9 @@ The estimate is a sum of parts a user can act on:
 - ``lora``: LoRA parameters + gradients (4 bytes each, 2 with ``full_bf16``/``full_fp16``) + optimizer
   state (see :data:`OPTIMIZER_STATES`: AdamW keeps 2 states of 4 bytes, AdamW8bit 2 of 1 byte).
 - ``activations``: what autograd keeps for the backward pass, ``batch x megapixels x coefficient``; the
-  coefficient is per architecture and per gradient checkpointing, fitted to :data:`CALIBRATION`.
+  coefficient is per architecture and per gradient checkpointing, fitted to :data:`CALIBRATION`. For the
+  DiTs (``sd3`` = SD3.5 Large, ``zimage``) nothing is measured yet: their activations are counted from
+  the block's operations (:data:`DIT_VALUES_PER_TOKEN`), tokens x width x blocks.
 - ``text_encoder_activations``: the same for trained text encoders (77-token sequences; small).
 
 Parameter counts are those of the published SD 1.5 / SDXL base models and kohya's LoRA targets
@@ -16,6 +18,10 @@ Parameter counts are those of the published SD 1.5 / SDXL base models and kohya'
 encoders); ``tests/test_vram.py`` recounts them from the real module shapes. The estimate is the peak
 of allocated tensors, which is what the calibration points measure; the CUDA context and allocator
 fragmentation (together about 0.5-1 GiB) come on top, so leave that much headroom on the card.
+
+``fp8_base``/``fp8_base_unet`` store the UNet/transformer weights in one byte. Frozen text encoders are
+assumed to be cached (the built-in trainer always caches them; with sd-scripts set
+``cache_text_encoder_outputs``), so T5-XXL and Qwen3 never count.
 
 Nothing here imports torch: ``check`` and ``status`` show the estimate and must stay fast.
 """
@@ -30,9 +36,10 @@ from typing import Optional
 
 from training.config import TrainingConfig, parse_resolution
 from training.errors import ConfigError
+from training.families import DIT_SIZES, FAMILIES, VRAM_ARCH, FamilySizes
 
 GIB = 1024 ** 3
-ARCHS = ("sd15", "sdxl")
+ARCHS = ("sd15", "sdxl", "sd3", "zimage")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class ArchSpec:
     text_encoders: tuple[tuple[int, int, int, int], ...]
     unet_lora_per_rank: int
     default_resolution: int
+    dit: Optional[FamilySizes] = None  # the DiTs' shapes, for their activations
 
 
 # CLIP ViT-L/14 text model: 12 layers of width 768; per layer the LoRA targets q, k, v, out (768 -> 768)
@@ -52,6 +60,14 @@ class ArchSpec:
 _CLIP_L = (123_060_480, 12 * 13_824, 12, 768)
 # OpenCLIP ViT-bigG/14 text model (SDXL's second encoder, with projection): 32 layers of width 1280.
 _CLIP_BIG_G = (694_659_840, 32 * (4 * 2 * 1280 + 2 * (1280 + 5120)), 32, 1280)
+_CLIP_L_PROJ = (123_650_304, 12 * 13_824, 12, 768)  # SD3's CLIP-L keeps its text projection
+
+
+def _dit_spec(family: str, text_encoders: tuple) -> ArchSpec:
+    sizes = DIT_SIZES[family]
+    return ArchSpec(unet_params=sizes.transformer_params, vae_params=sizes.vae_params, text_encoders=text_encoders,
+                    unet_lora_per_rank=sizes.lora_params_per_rank, default_resolution=1024, dit=sizes)
+
 
 SPECS = {
     # UNet LoRA per rank: 16 transformer blocks, sum over blocks of 28*C + 2*768 plus the 1x1 proj_in/out.
@@ -60,7 +76,22 @@ SPECS = {
     # 70 transformer blocks (1280-channel stacks of 10) with cross-attention width 2048, linear proj.
     "sdxl": ArchSpec(unet_params=2_567_463_684, vae_params=83_653_863, text_encoders=(_CLIP_L, _CLIP_BIG_G),
                      unet_lora_per_rank=2_659_840, default_resolution=1024),
+    # SD3.5 Large; sd-scripts trains CLIP-L/G LoRA unless network_train_unet_only (T5 never here).
+    "sd3": _dit_spec("sd3", (_CLIP_L_PROJ, _CLIP_BIG_G)),
+    # Z-Image (Turbo, De-Turbo, base: one architecture); the Qwen3 text encoder is not trained.
+    "zimage": _dit_spec("zimage", ()),
 }
+
+# Activation values autograd keeps per token and block, in units of the hidden size (bf16: 2 bytes each),
+# with LoRA on every block Linear and SDPA (which keeps q, k, v, its output and a per-row statistic).
+# SD3 joint block, per stream: LayerNorm input and output (2), modulated input (1, shared by q/k/v),
+# RMS-norm inputs and outputs of q/k (4), v (1), attention output (1), gated output (1), second LayerNorm
+# and modulation (2), 4x GELU MLP input, pre- and post-activation (1 + 4 + 4), its gate (1), adaLN (1): 23.
+# Z-Image block: RMS norms around attention and MLP (4), modulation (2), q/k norms and rotary outputs
+# (6), v and attention output (2), gates (2), SwiGLU of width 8/3: input, w1, w3, silu(w1), product
+# (1 + 4 * 8/3): about 30. With gradient checkpointing each block keeps its input (1) and one block at a
+# time is recomputed in full.
+DIT_VALUES_PER_TOKEN = {"sd3": 23, "zimage": 30}
 
 # Optimizer state per trainable parameter: (number of states, bytes per state). 8-bit optimizers keep
 # their states in one byte (the block-wise scales are under 1% more). AdaFactor factors its second
@@ -117,12 +148,12 @@ def _lora_state_bytes(params: float, optimizer: str, half_weights: bool) -> floa
 
 def _static_parts(arch: str, dim: int, optimizer: str, *, mixed_precision: str = "bf16",
                   half_weights: bool = False, train_text_encoder: bool = False,
-                  cache_latents: bool = True) -> dict[str, float]:
+                  cache_latents: bool = True, fp8_base: bool = False) -> dict[str, float]:
     """Everything but activations, in bytes."""
     spec = SPECS[arch]
     weight_bytes = 4 if mixed_precision == "no" else 2
     lora_params = spec.unet_lora_per_rank * dim
-    parts = {"unet": spec.unet_params * weight_bytes, "text_encoders": 0.0, "vae": 0.0}
+    parts = {"unet": spec.unet_params * (1 if fp8_base else weight_bytes), "text_encoders": 0.0, "vae": 0.0}
     if train_text_encoder:
         parts["text_encoders"] = sum(te[0] for te in spec.text_encoders) * weight_bytes
         lora_params += sum(te[1] for te in spec.text_encoders) * dim
@@ -157,8 +188,20 @@ def _text_encoder_activation_bytes(arch: str, batch: int, tokens: int, act_bytes
                for _, _, layers, width in SPECS[arch].text_encoders)
 
 
+def _activation_bytes(arch: str, cfg: TrainingConfig, width: int, height: int, act_bytes: int) -> float:
+    spec = SPECS[arch]
+    if spec.dit is None:
+        coefficient = ACTIVATION_BYTES_PER_MEGAPIXEL[(arch, cfg.gradient_checkpointing)]
+        return coefficient * cfg.train_batch_size * width * height / 1e6 * act_bytes / 2
+    # 8x smaller latents in 2x2 patches: one image token per 16x16 pixels
+    tokens = width * height / 256 + spec.dit.caption_tokens
+    per_block = DIT_VALUES_PER_TOKEN[arch]
+    kept = spec.dit.layers + per_block if cfg.gradient_checkpointing else spec.dit.layers * per_block
+    return cfg.train_batch_size * tokens * spec.dit.width * kept * act_bytes
+
+
 def estimate_vram(cfg: TrainingConfig, arch: Optional[str] = None) -> VramEstimate:
-    """Estimated peak GPU memory of training ``cfg``; ``arch`` ("sd15"/"sdxl") is inferred when omitted.
+    """Estimated peak GPU memory of training ``cfg``; ``arch`` (one of :data:`ARCHS`) is inferred when omitted.
 
     Inference reads the model file's tensor names without loading weights (see :func:`infer_arch`);
     a file that cannot be read that way is assumed to be SD 1.5.
@@ -171,10 +214,9 @@ def estimate_vram(cfg: TrainingConfig, arch: Optional[str] = None) -> VramEstima
     train_te = not cfg.network_train_unet_only
     parts = _static_parts(arch, cfg.network_dim, cfg.optimizer_type, mixed_precision=cfg.mixed_precision,
                           half_weights=cfg.full_bf16 or cfg.full_fp16, train_text_encoder=train_te,
-                          cache_latents=cfg.cache_latents)
+                          cache_latents=cfg.cache_latents, fp8_base=cfg.fp8_base or cfg.fp8_base_unet)
     act_bytes = 4 if cfg.mixed_precision == "no" else 2
-    coefficient = ACTIVATION_BYTES_PER_MEGAPIXEL[(arch, cfg.gradient_checkpointing)]
-    parts["activations"] = coefficient * cfg.train_batch_size * width * height / 1e6 * act_bytes / 2
+    parts["activations"] = _activation_bytes(arch, cfg, width, height, act_bytes)
     tokens = cfg.max_token_length + 2 if cfg.max_token_length else 77
     parts["text_encoder_activations"] = (_text_encoder_activation_bytes(
         arch, cfg.train_batch_size, tokens, act_bytes, cfg.gradient_checkpointing) if train_te else 0.0)
@@ -197,8 +239,12 @@ def vram_line(cfg: TrainingConfig, arch: Optional[str] = None) -> str:
     checkpointing = "gradient checkpointing" if cfg.gradient_checkpointing else "no gradient checkpointing"
     details = [arch_note, f"{width}x{height}", f"batch {cfg.train_batch_size}", f"dim {cfg.network_dim}",
                cfg.optimizer_type, checkpointing]
-    if not cfg.network_train_unet_only:
+    if not cfg.network_train_unet_only and SPECS[est.arch].text_encoders:
         details.append("text encoder trained")
+    if cfg.fp8_base or cfg.fp8_base_unet:
+        details.append("fp8 base")
+    if SPECS[est.arch].dit is not None:
+        details.append("activations counted, not measured")
     return f"VRAM estimate: {est.total_gib:.1f} GiB ({', '.join(details)})"
 
 
@@ -208,6 +254,11 @@ def vram_line(cfg: TrainingConfig, arch: Optional[str] = None) -> str:
 # added time/text embedding (single-file "label_emb", diffusers "add_embedding").
 _SDXL_MARKERS = ("conditioner.embedders.1.", "model.diffusion_model.label_emb.", "add_embedding.")
 _SD_MARKERS = ("model.diffusion_model.", "cond_stage_model.", "down_blocks.", "text_model.")
+# SD3's MMDiT (original and diffusers names) and Z-Image's refiners, checked before the SD markers.
+_DIT_MARKERS = {
+    "sd3": ("model.diffusion_model.joint_blocks.", "joint_blocks.", "transformer_blocks.0.attn.add_q_proj."),
+    "zimage": ("model.diffusion_model.noise_refiner.", "noise_refiner.", "diffusion_model.noise_refiner."),
+}
 
 
 def _safetensors_keys(path: Path) -> Optional[list[str]]:
@@ -229,6 +280,8 @@ def _folder_arch(folder: Path) -> Optional[str]:
             data = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        if data.get("_class_name") in FAMILIES:
+            return VRAM_ARCH[FAMILIES[data["_class_name"]]]
         if "XL" in str(data.get("_class_name", "")) or data.get("addition_embed_type") == "text_time":
             return "sdxl"
         if "_class_name" in data:
@@ -247,11 +300,14 @@ def _file_arch(model: str) -> Optional[str]:
     keys = _safetensors_keys(path)
     if not keys:
         return None
+    for arch, markers in _DIT_MARKERS.items():
+        if any(key.startswith(markers) for key in keys):
+            return arch
     if any(key.startswith(_SDXL_MARKERS) for key in keys):
         return "sdxl"
     return "sd15" if any(key.startswith(_SD_MARKERS) for key in keys) else None
 
 
 def infer_arch(model: str) -> str:
-    """"sdxl" or "sd15" from a model file's tensor names or a diffusers folder's config; "sd15" when unknown."""
+    """One of :data:`ARCHS` from a model file's tensor names or a diffusers folder's config; "sd15" when unknown."""
     return _file_arch(model) or "sd15"
