@@ -629,7 +629,7 @@ def _open_log(run: _Run) -> Any:
     """The TensorBoard / W&B log the config asks for (see :mod:`training.tb_log`), or None."""
     from training import tb_log
 
-    trains_unet = any(p.prefix == "lora_unet" and p.trained for p in run.network.parts)
+    trains_unet = any(p.prefix == "lora_unet" for p in run.network.parts)  # only trained parts have layers
     names = tb_log.lr_tag_names(trains_unet, _trains_text_encoder(run))
     return tb_log.open_log(run.cfg, lr_names=names, window=run.steps_per_epoch, resumed_at=run.global_step)
 
