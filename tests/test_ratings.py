@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+import tomllib
 import urllib.request
 
 import optuna
 import pytest
-import toml
+import tomli_w
 from PIL import Image
+from study_fixtures import make_project
 
 from search.cli import main
 from search.dashboard import make_dashboard_server
@@ -18,7 +20,6 @@ from search.scoring import CheckpointScorer, EpochScore, make_scorer
 from search.settings import load_settings
 from search.study import open_study
 from search.worker import Worker
-from study_fixtures import make_project
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -43,9 +44,9 @@ def project(tmp_path, monkeypatch):
     config = make_project(tmp_path, n_trials=3, epochs_choices=(2,))
     worker = Worker(load_settings(config), scorer=SheetScorer(make_scorer(load_settings(config))))
     worker.run()
-    data = toml.loads(config.read_text())
+    data = tomllib.loads(config.read_text())
     data["scorer"]["human_weight"] = 0.5
-    config.write_text(toml.dumps(data))
+    config.write_text(tomli_w.dumps(data))
     return config
 
 
@@ -129,9 +130,9 @@ def test_rating_posted_in_the_dashboard_after_the_search_changes_the_export(proj
     row = next(line for line in out.splitlines() if line.startswith(f"{clip_best} "))
     assert "2/10" in row.split()
 
-    data = toml.loads(project.read_text())
+    data = tomllib.loads(project.read_text())
     data["scorer"]["human_weight"] = 0.0
-    project.write_text(toml.dumps(data))
+    project.write_text(tomli_w.dumps(data))
     assert exported_trial(project, tmp_path, capsys) == clip_best  # weight 0: the score alone decides
 
 
@@ -154,9 +155,9 @@ def test_choosing_the_worst_in_the_comparison_view_counts_as_lost_comparisons(pr
 
 
 def test_bad_human_weight_is_one_line(project, capsys):
-    data = toml.loads(project.read_text())
+    data = tomllib.loads(project.read_text())
     data["scorer"]["human_weight"] = 1.5
-    project.write_text(toml.dumps(data))
+    project.write_text(tomli_w.dumps(data))
     assert main(["status", "--config", str(project)]) == 2
     err = capsys.readouterr().err.strip()
     assert "scorer.human_weight = 1.5" in err and len(err.splitlines()) == 1
