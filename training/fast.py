@@ -16,7 +16,7 @@ launches, and every host-device synchronisation stalls the queue. So:
   not shuffled; then the text encoders, and the VAE once latents are cached, leave the GPU until sample
   images need them (:func:`models_on`).
 * Nothing in a step waits for the GPU: batches go to the device from pinned memory without blocking
-  (:func:`to_device`), and losses stay on the device (:class:`LossLog`) until the epoch's log line.
+  (:func:`training.devices.to_device`), and losses stay on the device (:class:`LossLog`) until the epoch's log line.
 
 ``LORA_SEARCH_EAGER=1`` in the environment turns all of this off (no compile, no caption cache, models
 stay on the device): the plain step, to compare against or to rule the fast path out.
@@ -33,6 +33,9 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from training.devices import autocast
+from training.models import encode_captions, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -69,31 +72,6 @@ def configure_cuda() -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
-    """Mixed precision in ``dtype`` on ``device``'s type; a no-op context when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory without blocking the host."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    if not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def pin(batch: Any) -> Any:
-    """The batch with its latents / pixels in pinned memory (for :func:`to_device`); unchanged without CUDA."""
-    if not torch.cuda.is_available():
-        return batch
-    for name in ("latents", "pixels"):
-        tensor = getattr(batch, name, None)
-        if tensor is not None and not tensor.is_pinned():
-            setattr(batch, name, tensor.pin_memory())
-    return batch
 
 
 # --- the compiled UNet step ----------------------------------------------------------------------------
@@ -242,8 +220,6 @@ class CaptionCache:
 
     def __init__(self, models: Any, captions: Iterable[str], device: torch.device, clip_skip: Optional[int],
                  max_token_length: Optional[int], autocast_dtype: Optional[torch.dtype], chunk: int = 32) -> None:
-        from training.models import encode_captions
-
         texts = sorted(set(captions))
         self.index = {text: i for i, text in enumerate(texts)}
         self.models, self.device = models, device
@@ -267,8 +243,6 @@ class CaptionCache:
         """Conditioning for ``captions`` (and ``batch``'s SDXL size ids), without running a text encoder."""
         if any(text not in self.index for text in captions):
             return self._encode_missing(captions, batch)
-        from training.models import sdxl_time_ids
-
         rows = [self.index[text] for text in captions]
         # Python-int slices are views: no index tensor to copy to the device, so no wait for the GPU.
         hidden = torch.cat([self.hidden[i:i + 1] for i in rows])
@@ -279,8 +253,6 @@ class CaptionCache:
 
     def _encode_missing(self, captions: list[str], batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
         # Every caption of the dataset is cached up front; this only guards against a caption rule changing.
-        from training.models import encode_captions
-
         self.misses += 1
         if self.misses == 1:
             log.warning("a caption outside the text-embedding cache; encoding it where the text encoder is")

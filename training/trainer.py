@@ -35,7 +35,9 @@ import torch
 from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
 from training.errors import ConfigError, LoraSearchError
 from training import fast
+from training.devices import autocast, pick_device, pin, to_device
 from training.models import encode_captions, encode_tokens
+from training.sampling import load_prompts, preserved_rng, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +100,6 @@ class _Run:
     offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
 
 
-def pick_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[Callable[[EpochEnd], None]] = None,
           latent_cache_dir: str | Path | None = None) -> TrainResult:
     """Train a LoRA as ``cfg`` says; with ``resume`` continue from the newest complete state in output_dir.
@@ -163,8 +160,6 @@ def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) 
 
     _check_supported(cfg)
     if cfg.sample_prompts:
-        from training.sampling import load_prompts
-
         load_prompts(cfg)  # a bad prompt file fails now, not after the first epoch
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     seed_everything(seed)
@@ -335,7 +330,6 @@ def _cache_latents(run: _Run, cache_dir: str | Path | None) -> None:
     import tempfile
 
     from training.latent_cache import LatentCache
-    from training.sampling import preserved_rng
 
     cfg = run.cfg
     if not cfg.cache_latents or cfg.color_aug:
@@ -371,7 +365,7 @@ def _encoder(run: _Run, seeded: bool = False, to_cpu: bool = True) -> Callable[[
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(run.device.type).manual_seed(0) if seeded else None
-        pixels = fast.to_device(pixels, run.device).to(next(vae.parameters()).dtype)
+        pixels = to_device(pixels, run.device).to(next(vae.parameters()).dtype)
         latents = (vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
         return latents.cpu() if to_cpu else latents
 
@@ -450,7 +444,7 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
     losses, started, steps_before = fast.LossLog(), time.perf_counter(), run.global_step
 
     def make(batch_no: int) -> Any:
-        return fast.pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
+        return pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
                                                run.flipped))
 
     todo = range(start_batch, len(batches))
@@ -513,8 +507,6 @@ def _due(step: int, every: Optional[int]) -> bool:
 
 def _after_step(run: _Run, epoch: int, batches_done: int) -> None:
     """Save what is due after an optimizer step of ``epoch``: step checkpoint and state, then samples."""
-    from training.sampling import sample_images
-
     cfg, step = run.cfg, run.global_step
     # The last step's checkpoint is the final file, written at the end of its epoch.
     if _due(step, cfg.save_every_n_steps) and step < run.total_steps:
@@ -577,7 +569,7 @@ def _loss(run: _Run, batch: Any) -> torch.Tensor:
     """
     cfg, sched = run.cfg, run.noise_scheduler
     if batch.latents is not None:
-        latents = fast.to_device(batch.latents, run.device)
+        latents = to_device(batch.latents, run.device)
     else:
         latents = _encoder(run, to_cpu=False)(batch.pixels)
     noise = torch.randn_like(latents)
@@ -598,7 +590,7 @@ def _conditioning(run: _Run, batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
         return run.captions.lookup(batch.captions, batch)
     cfg = run.cfg
     # A frozen text encoder needs no activation memory.
-    with fast.autocast(run.device, run.autocast_dtype), torch.set_grad_enabled(_trains_text_encoder(run)):
+    with autocast(run.device, run.autocast_dtype), torch.set_grad_enabled(_trains_text_encoder(run)):
         return encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch, cfg.max_token_length,
                                encode=run.text_encode)
 
@@ -621,8 +613,6 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float, v_pre
 
 def _end_epoch(run: _Run, epoch: int, losses: Optional[list[float]] = None) -> EpochEnd:
     """Save what is due for ``epoch``: checkpoint, state, samples (in that order)."""
-    from training.sampling import sample_images
-
     cfg = run.cfg
     last = epoch == run.epochs
     checkpoint = None
