@@ -7,11 +7,12 @@ launches, and every host-device synchronisation stalls the queue. So:
   they run in the step) through ``torch.compile`` (config ``torch_compile``: unset means on with CUDA,
   off on the CPU) with the ``dynamo_backend``; on CUDA the inductor backend runs in ``reduce-overhead``
   mode, which replays the step as CUDA graphs. Every batch
-  shape (bucket, short last batch) compiles once per run; the generated code is cached on disk
+  shape compiles once per run; the generated code is cached on disk
   (:func:`compile_cache_dir`), so a later run with the same model, rank and shapes skips code
-  generation. Compilation errors surface on the first call of a shape; then the run logs one warning and
-  goes on eagerly. Noise and timesteps are drawn outside the compiled part, so the compiled and the
-  eager step see the same random numbers.
+  generation. Errors of the compiled step, at compile or at run time, propagate to the trainer, which
+  drops the compiled callables (:meth:`Compiled.drop`) and redoes that optimizer step eagerly from the
+  same random numbers (:class:`StepRandom`). Noise and timesteps are drawn outside the compiled part,
+  so the compiled and the eager step see the same random numbers.
 * :class:`CaptionCache` encodes every caption once when no text-encoder LoRA is trained and captions are
   not shuffled; then the text encoders, and the VAE once latents are cached, leave the GPU until sample
   images need them (:func:`models_on`).
@@ -77,9 +78,10 @@ def configure_cuda() -> None:
 # --- the compiled UNet step ----------------------------------------------------------------------------
 
 class Compiled:
-    """``fn`` through ``torch.compile`` when asked; ``fn`` itself from the start, or for good once compiling fails.
+    """``fn`` through ``torch.compile`` when asked; ``fn`` itself from the start, or for good after :meth:`drop`.
 
-    ``name`` is for the log. Outputs under CUDA graphs live in memory the next step reuses: call
+    Errors of the compiled call (compiling, running, replaying a CUDA graph) propagate: the trainer
+    decides what to redo (``training.trainer``'s run-time fallback). ``name`` is for the log. Outputs under CUDA graphs live in memory the next step reuses: call
     :func:`begin_step` before each step, and keep copies (as :class:`LossLog` does) of what must outlive it.
     """
 
@@ -97,36 +99,30 @@ class Compiled:
 
     @property
     def compiled(self) -> bool:
-        """Whether calls go through ``torch.compile`` (False from the start, or after a failed compile)."""
+        """Whether calls go through ``torch.compile`` (False from the start, or after :meth:`drop`)."""
         return self._compiled is not None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first (compiling) call of each input shape so far."""
+        return sum(entry["seconds"] for entry in self.compiles)
 
     def __call__(self, *args: Any) -> Any:
         if self._compiled is None:
             return self.fn(*args)
         shapes = _shapes_of(args)
         started, before = time.perf_counter(), _cache_counts()
-        try:
-            with _eager_backward_lowering():
-                out = self._compiled(*args)
-        except torch.OutOfMemoryError:
-            raise  # a real limit of this configuration, reported as such
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the plain call
-            self._fall_back(exc)
-            return self.fn(*args)
+        with _eager_backward_lowering():
+            out = self._compiled(*args)
         if shapes not in self._shapes:
             self._shapes.add(shapes)
             self._note_compile(shapes, time.perf_counter() - started, before)
         return out
 
-    def _fall_back(self, exc: Exception) -> None:
-        cause = exc
-        while getattr(cause, "inner_exception", None) is not None:  # torch wraps the compiler's own error
-            cause = cause.inner_exception
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
-        log.warning("torch.compile (%s) of the %s failed: %s: %s; training goes on without compiling it "
-                    "(set torch_compile = false to skip compilation)", getattr(self.backend, "__name__", self.backend),
-                    self.name, type(cause).__name__, first)
+    def drop(self) -> None:
+        """Call ``fn`` itself from now on: the compiled version failed (the trainer logs why)."""
         self._compiled = None
+        self.cuda_graphs = False
 
     def _note_compile(self, shapes: tuple, seconds: float, before: dict[str, int]) -> None:
         after = _cache_counts()
@@ -170,6 +166,38 @@ def release_compiled() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an error whose message says the device ran out of memory (cuDNN, cuBLAS)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def failure_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the error underneath torch's wrappers (a compiler's own error), for one log line."""
+    cause = exc
+    while getattr(cause, "inner_exception", None) is not None:
+        cause = cause.inner_exception
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{type(cause).__name__}: {first}"
+
+
+class StepRandom:
+    """The torch random streams a training step draws from (CPU, and the run's GPU), to draw the same again.
+
+    Capturing is a host-side copy of the generators' states: it does not wait for the GPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        """Put the streams back where they were at capture."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 def _prepare_dynamo() -> None:
@@ -292,6 +320,10 @@ class LossLog:
     def add(self, loss: torch.Tensor) -> None:
         """One micro-batch's loss (copied: a CUDA-graph output is overwritten by the next step)."""
         self._micro.append(loss.detach().float().clone())
+
+    def discard_micro(self) -> None:
+        """Forget the losses of the optimizer step in progress (it is being redone)."""
+        self._micro = []
 
     def end_step(self) -> None:
         """Close an optimizer step: its loss is the mean of its micro-batches."""

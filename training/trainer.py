@@ -96,6 +96,7 @@ class _Run:
     text_encode: Any = None  # fast.Compiled over models.encode_tokens, when captions are not cached
     compiling: bool = False  # torch.compile was asked for (its graphs are dropped when the run ends)
     grad_buffers: bool = False  # gradients accumulate in buffers of their own (zeroed, never freed)
+    phase: str = ""  # what the step is doing (forward, backward, optimizer step), for the fallback's log line
     captions: Any = None  # fast.CaptionCache when the text encoders are frozen and captions fixed
     offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
 
@@ -447,14 +448,14 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
         return pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
                                                run.flipped))
 
-    todo = range(start_batch, len(batches))
+    todo, window = range(start_batch, len(batches)), []
     for batch_no, batch in _prefetched(make, todo, cfg.max_data_loader_n_workers):
         if run.global_step >= run.total_steps:
             break
-        losses.add(_micro_step(run, batch, accum))
+        window.append(batch)
         if (batch_no + 1) % accum == 0 or batch_no == len(batches) - 1:
-            _optimizer_step(run, params)
-            losses.end_step()
+            train_step(run, window, params, losses)
+            window = []
             _show_step(run, bar, epoch, losses)
             _after_step(run, epoch, batches_done=batch_no + 1)
     if bar is not None:
@@ -538,7 +539,65 @@ def _backward(run: _Run, loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def _optimizer_step(run: _Run, params: list) -> None:
+def train_step(run: _Run, batches: list, params: list, losses: fast.LossLog) -> None:
+    """One optimizer step over ``batches`` (its gradient-accumulation micro-batches); its loss goes to ``losses``.
+
+    Run-time fallback: when the compiled step raises anything but running out of memory (while compiling,
+    in the forward, the backward, a CUDA-graph replay, or the optimizer step that reads its gradients),
+    the run logs one line with the cause, drops the compiled callables for the rest of the run, discards
+    the gradients and losses of this step's micro-batches so far, and redoes the whole step uncompiled from
+    the random numbers it started with. So no gradient counts twice, the step count is unchanged, and the
+    run goes on as an uncompiled run would. Running out of memory propagates (a real limit of the config).
+    Limits: an optimizer that fails part-way, after updating some weights, cannot be undone, so those
+    weights take this step twice (a gradient an optimizer rejects fails its first parameter, which
+    updates nothing); an error that leaves the GPU unusable fails the redo too, and with it the run.
+    """
+    random = fast.StepRandom(run.device) if _compiled(run) else None
+    try:
+        _accumulate_and_apply(run, batches, params, losses)
+    except Exception as exc:  # noqa: BLE001 - any failure of the compiled step is redone uncompiled
+        if random is None or fast.is_out_of_memory(exc):
+            raise
+        _fall_back(run, exc)
+        losses.discard_micro()
+        random.restore()
+        _accumulate_and_apply(run, batches, params, losses)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=not run.grad_buffers)
+    run.global_step += 1
+    losses.end_step()
+
+
+def _compiled(run: _Run) -> bool:
+    return any(c is not None and c.compiled for c in (run.unet_loss, run.text_encode))
+
+
+def _accumulate_and_apply(run: _Run, batches: list, params: list, losses: fast.LossLog) -> None:
+    for batch in batches:
+        losses.add(_micro_step(run, batch, run.cfg.gradient_accumulation_steps))
+    run.phase = "optimizer step"
+    _apply_gradients(run, params)
+
+
+def _fall_back(run: _Run, exc: Exception) -> None:
+    """Drop the compiled step for the rest of the run, and the gradients of the step in progress."""
+    log.warning("the compiled training step failed in the %s at step %d: %s; this step is redone uncompiled and "
+                "the run goes on without compiling (set torch_compile = false to skip compilation)", run.phase,
+                run.global_step + 1, fast.failure_cause(exc))
+    for call in (run.unet_loss, run.text_encode):
+        if call is not None:
+            call.drop()
+    run.optimizer.zero_grad(set_to_none=True)  # also lets go of gradients living in CUDA-graph memory
+    run.grad_buffers = False
+    fast.release_compiled()
+    if run.scaler is not None:  # forget that this step's gradients were unscaled already
+        scaler = torch.amp.GradScaler(run.device.type)
+        scaler.load_state_dict(run.scaler.state_dict())
+        run.scaler = scaler
+
+
+def _apply_gradients(run: _Run, params: list) -> None:
+    """Unscale (fp16), clip and apply the accumulated gradients."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.max_grad_norm > 0:
@@ -548,15 +607,15 @@ def _optimizer_step(run: _Run, params: list) -> None:
         run.scaler.update()
     else:
         run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=not run.grad_buffers)
-    run.global_step += 1
 
 
 def _micro_step(run: _Run, batch: Any, accum: int) -> torch.Tensor:
     """Forward and backward of one batch (its gradients added to the LoRA's); returns its loss."""
+    shape = "x".join(map(str, (batch.latents if batch.latents is not None else batch.pixels).shape))
+    run.phase = f"forward (input {shape})"
     fast.begin_step([run.text_encode, run.unet_loss])
     loss = _loss(run, batch)
+    run.phase = f"backward (input {shape})"
     _backward(run, loss / accum)
     return loss
 
