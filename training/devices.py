@@ -32,10 +32,11 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def pin(batch: Any) -> Any:
-    """The batch with its latents / pixels in pinned memory (for :func:`to_device`); unchanged without CUDA."""
+    """The batch with its latents / pixels / loss weights in pinned memory (for :func:`to_device`); unchanged
+    without CUDA."""
     if not torch.cuda.is_available():
         return batch
-    for name in ("latents", "pixels"):
+    for name in ("latents", "pixels", "weights"):
         tensor = getattr(batch, name, None)
         if tensor is not None and not tensor.is_pinned():
             setattr(batch, name, tensor.pin_memory())

@@ -6,8 +6,11 @@ launches, and every host-device synchronisation stalls the queue. So:
 * :class:`UnetLoss` runs the UNet forward and the loss (and :class:`Compiled` the text encoders when
   they run in the step) through ``torch.compile`` (config ``torch_compile``: unset means on with CUDA,
   off on the CPU) with the ``dynamo_backend``; on CUDA the inductor backend runs in ``reduce-overhead``
-  mode, which replays the step as CUDA graphs. Every batch
-  shape compiles once per run; the generated code is cached on disk
+  mode, which replays the step as CUDA graphs. Batches are padded to one shape per bucket
+  (``TrainDataset.make_batch``), and with torch's automatic dynamic shapes the first bucket compiles a
+  graph of its own and the second one a graph with symbolic sizes that serves all later buckets (an odd
+  size can add one more), so a run compiles two or three graphs however many buckets it has, where it
+  compiled one per bucket and short last batch before. The generated code is cached on disk
   (:func:`compile_cache_dir`), so a later run with the same model, rank and shapes skips code
   generation. Errors of the compiled step, at compile or at run time, propagate to the trainer, which
   drops the compiled callables (:meth:`Compiled.drop`) and redoes that optimizer step eagerly from the
@@ -91,11 +94,13 @@ class Compiled:
         self.cuda_graphs = compile and device.type == "cuda" and backend in ("inductor", "cudagraphs")
         self._compiled = None
         self._shapes: set[tuple] = set()
-        self.compiles: list[dict] = []  # per input shape: seconds of its first (compiling) call, cache hits/misses
+        self.compiles: list[dict] = []  # per compilation: input shape, seconds of that call, graphs, cache hits/misses
         if compile:
             _prepare_dynamo()
             mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
-            self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+            # dynamic=None is torch's automatic dynamic shapes: the first input shape compiles a static graph,
+            # a second one a graph whose changed sizes are symbols, which then serves every later bucket.
+            self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=None)
 
     @property
     def compiled(self) -> bool:
@@ -104,7 +109,7 @@ class Compiled:
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds spent in the first (compiling) call of each input shape so far."""
+        """Seconds of the calls that compiled a graph so far (a graph's first call pays its compilation)."""
         return sum(entry["seconds"] for entry in self.compiles)
 
     def __call__(self, *args: Any) -> Any:
@@ -116,7 +121,8 @@ class Compiled:
             out = self._compiled(*args)
         if shapes not in self._shapes:
             self._shapes.add(shapes)
-            self._note_compile(shapes, time.perf_counter() - started, before)
+            if _cache_counts()["graphs"] > before["graphs"]:  # else an earlier (dynamic) graph took the shape
+                self._note_compile(shapes, time.perf_counter() - started, before)
         return out
 
     def drop(self) -> None:
@@ -136,7 +142,8 @@ class Compiled:
 class UnetLoss(Compiled):
     """``(noisy, timesteps, hidden, added, target, weights) -> loss``: the UNet forward and its MSE.
 
-    ``weights`` are per-sample loss weights (min-SNR) or None. The loss is a 0-dim float32 tensor.
+    ``weights`` are per-sample loss weights (0 for a padded batch's filler rows, times min-SNR's) or None.
+    The loss is a 0-dim float32 tensor.
     """
 
     def __init__(self, unet: torch.nn.Module, autocast_dtype: Optional[torch.dtype], device: torch.device,
@@ -230,10 +237,10 @@ def _eager_backward_lowering() -> Any:
 
 
 def _cache_counts() -> dict[str, int]:
-    """torch's running counts of compiled graphs found in / missing from the on-disk cache."""
+    """torch's running counts of graphs compiled, and of compiled graphs found in / missing from the disk cache."""
     from torch._dynamo.utils import counters
 
-    return {"cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+    return {"graphs": counters["stats"]["unique_graphs"], "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
             "cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
 
 

@@ -64,11 +64,14 @@ class EpochEnd:
 
 @dataclass
 class TrainResult:
-    """The finished run: its final LoRA file, epochs and optimizer steps."""
+    """The finished run: its final LoRA file, epochs and optimizer steps; seconds in the epoch loop, and of
+    those the seconds spent compiling the step (each batch shape's first call)."""
 
     checkpoint: Path
     epochs: int
     steps: int
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
 
 
 @dataclass
@@ -119,6 +122,7 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
         else:
             log.info("training %d epochs, %d steps (%d per epoch) from epoch %d, step %d", run.epochs,
                      run.total_steps, run.steps_per_epoch, done + 1, run.global_step)
+        started = time.perf_counter()
         for epoch in range(done + 1, run.epochs + 1):
             losses = _train_epoch(run, epoch, start_batch if epoch == done + 1 else 0)
             event = _end_epoch(run, epoch, losses)
@@ -127,9 +131,24 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
         final = _final_path(run)
         if not final.is_file():  # a resume of a finished run whose final file went missing
             _save_checkpoint(run, run.epochs, final)
-        return TrainResult(checkpoint=final, epochs=run.epochs, steps=run.global_step)
+        result = TrainResult(checkpoint=final, epochs=run.epochs, steps=run.global_step,
+                             seconds=time.perf_counter() - started, compile_seconds=_compile_seconds(run))
+        _log_times(run, result)
+        return result
     finally:
         _release(run)
+
+
+def _compile_seconds(run: _Run) -> float:
+    return sum(c.compile_seconds for c in (run.unet_loss, run.text_encode) if c is not None)
+
+
+def _log_times(run: _Run, result: TrainResult) -> None:
+    if not run.compiling:
+        return
+    shapes = len(run.unet_loss.compiles) if run.unet_loss is not None else 0
+    log.info("training took %.1f s: %.1f s compiling the step for %d batch shape(s), %.1f s training", result.seconds,
+             result.compile_seconds, shapes, result.seconds - result.compile_seconds)
 
 
 def _output_dir(cfg: TrainingConfig) -> Path:
@@ -288,9 +307,11 @@ def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
         run.network.scale_as_tensors(run.device)
     run.unet_loss = fast.UnetLoss(run.models.unet, run.autocast_dtype, run.device, compile_, cfg.dynamo_backend)
     if compile_:
+        shapes = f"{len(run.dataset.step_shapes(cfg.train_batch_size))} batch shape(s), one per bucket; " \
+            if run.dataset is not None else ""
         log.info("compiling the training step with torch.compile (%s%s); each new batch shape takes a while the "
-                 "first time, cached in %s", cfg.dynamo_backend, ", CUDA graphs" if run.unet_loss.cuda_graphs else "",
-                 fast.compile_cache_dir())
+                 "first time (%scached in %s)", cfg.dynamo_backend, ", CUDA graphs" if run.unet_loss.cuda_graphs else "",
+                 shapes, fast.compile_cache_dir())
     # Moved once here, so add_noise / get_velocity / compute_snr never copy it to the GPU in a step.
     run.noise_scheduler.alphas_cumprod = run.noise_scheduler.alphas_cumprod.to(run.device)
     _setup_conditioning(run, captions, plain)
@@ -443,10 +464,11 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
                 param.grad = torch.zeros_like(param)
     bar = _progress(run, epoch)
     losses, started, steps_before = fast.LossLog(), time.perf_counter(), run.global_step
+    compiled_before = _compile_seconds(run)
 
     def make(batch_no: int) -> Any:
         return pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
-                                               run.flipped))
+                                          run.flipped, pad_to=cfg.train_batch_size))
 
     todo, window = range(start_batch, len(batches)), []
     for batch_no, batch in _prefetched(make, todo, cfg.max_data_loader_n_workers):
@@ -462,9 +484,11 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
         bar.close()
     values = losses.values()  # the epoch's one wait for the GPU
     seconds = time.perf_counter() - started
-    log.info("epoch %d/%d: loss %.4f, lr %.2e, %.2f it/s, step %d/%d", epoch, run.epochs,
+    compiling = _compile_seconds(run) - compiled_before
+    log.info("epoch %d/%d: loss %.4f, lr %.2e, %.2f it/s, step %d/%d, %.1f s%s", epoch, run.epochs,
              float(np.mean(values)) if values else float("nan"), _lr(run),
-             (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps)
+             (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps, seconds,
+             f" ({compiling:.1f} s of it compiling)" if compiling else "")
     return values
 
 
@@ -638,8 +662,11 @@ def _loss(run: _Run, batch: Any) -> torch.Tensor:
     noisy = sched.add_noise(latents, noise, timesteps)
     hidden, added = _conditioning(run, batch)
     target = sched.get_velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
-    weights = (min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
-               if cfg.min_snr_gamma else None)
+    # Always a tensor, so that padded and full batches of a bucket run one compiled graph.
+    weights = (to_device(batch.weights, run.device) if batch.weights is not None
+               else torch.ones(latents.shape[0], device=run.device))
+    if cfg.min_snr_gamma:
+        weights = weights * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
     return run.unet_loss(noisy, timesteps, hidden, added, target, weights)
 
 
