@@ -27,16 +27,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
+from training.data import TrainDataset
 from training.errors import ConfigError, LoraSearchError
 from training import fast
 from training.devices import autocast, pick_device, pin, to_device
-from training.models import encode_captions, encode_tokens
+from training.models import encode_captions, encode_tokens, load_models
 from training.sampling import load_prompts, preserved_rng, sample_images
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,8 @@ def _compile_seconds(run: _Run) -> float:
 def _log_times(run: _Run, result: TrainResult) -> None:
     if not run.compiling:
         return
-    shapes = len(run.unet_loss.compiles) if run.unet_loss is not None else 0
-    log.info("training took %.1f s: %.1f s compiling the step for %d batch shape(s), %.1f s training", result.seconds,
+    shapes = sum(len(c.compiles) for c in (run.unet_loss, run.text_encode) if c is not None)
+    log.info("training took %.1f s: %.1f s compiling %d graph(s) of the step, %.1f s training", result.seconds,
              result.compile_seconds, shapes, result.seconds - result.compile_seconds)
 
 
@@ -175,26 +176,67 @@ def seed_everything(seed: int) -> None:
 # --- set-up --------------------------------------------------------------------------------------------
 
 def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) -> _Run:
-    from training.data import TrainDataset
-    from training.models import load_models
-
     _check_supported(cfg)
     if cfg.sample_prompts:
         load_prompts(cfg)  # a bad prompt file fails now, not after the first epoch
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     seed_everything(seed)
-    device = pick_device()
     dataset = TrainDataset.from_config(cfg)
-    models = load_models(cfg)
-    run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
-               seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
-               noise_scheduler=_noise_scheduler(cfg))
-    _place_models(run)
+    run = _build_run(cfg, out, load_models(cfg), dataset, seed, pick_device())
     _plan_steps(run)
     _cache_latents(run, latent_cache_dir)
     _build_optimization(run)
     _setup_fast(run)
     return run
+
+
+def _build_run(cfg: TrainingConfig, out: Path, models: Any, dataset: Any, seed: int, device: torch.device) -> _Run:
+    """The run's LoRA network on ``models``, placed on ``device`` (no steps planned, no optimizer yet)."""
+    run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
+               seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
+               noise_scheduler=_noise_scheduler(cfg))
+    _place_models(run)
+    return run
+
+
+class TrainStep:
+    """The trainer's optimizer step on batches of cached latents handed to it: no dataset, no output folder.
+
+    Set up as :func:`train` sets up a run (LoRA network on ``models``, placement, optimizer and schedule
+    from ``cfg``, the fast path of :mod:`training.fast` with the embeddings of ``captions`` cached when
+    the text encoders are frozen), and each call is :func:`train_step`, run-time fallback included. For
+    measuring the step (``benchmarks/train_step.py``); ``cfg.max_train_steps`` bounds the LR schedule.
+    """
+
+    def __init__(self, cfg: TrainingConfig, models: Any, captions: Iterable[str] = (),
+                 device: Optional[torch.device] = None) -> None:
+        _check_supported(cfg)
+        self.run = _build_run(cfg, Path(cfg.output_dir or "."), models, None, cfg.seed or 0, device or pick_device())
+        steps = cfg.max_train_steps or 10**6
+        self.run.steps_per_epoch, self.run.epochs, self.run.total_steps = steps, 1, steps
+        _build_optimization(self.run)
+        self.run.latents = []  # batches bring latents: the VAE is not needed in a step
+        _setup_fast(self.run, captions=set(captions))
+        self.params = [p for group in self.run.optimizer.param_groups for p in group["params"]]
+        self.losses = fast.LossLog()
+
+    def __call__(self, batches: list) -> None:
+        """One optimizer step over ``batches`` (``gradient_accumulation_steps`` micro-batches of cached latents)."""
+        train_step(self.run, [pin(batch) for batch in batches], self.params, self.losses)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs compiled (False when not asked for, or after a fallback)."""
+        return _compiled(self.run)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far."""
+        return _compile_seconds(self.run)
+
+    def close(self) -> None:
+        """Drop the compiled graphs and the models' references (free the GPU for the next measurement)."""
+        _release(self.run)
 
 
 def _check_supported(cfg: TrainingConfig) -> None:
