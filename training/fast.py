@@ -84,8 +84,9 @@ class Compiled:
     """``fn`` through ``torch.compile`` when asked; ``fn`` itself from the start, or for good after :meth:`drop`.
 
     Errors of the compiled call (compiling, running, replaying a CUDA graph) propagate: the trainer
-    decides what to redo (``training.trainer``'s run-time fallback). ``name`` is for the log. Outputs under CUDA graphs live in memory the next step reuses: call
-    :func:`begin_step` before each step, and keep copies (as :class:`LossLog` does) of what must outlive it.
+    decides what to redo (``training.trainer``'s run-time fallback). ``name`` is for the log. Outputs under
+    CUDA graphs live in memory the next step reuses: call :func:`begin_step` before each step, and keep
+    copies (as :class:`LossLog` does) of what must outlive it.
     """
 
     def __init__(self, fn: Any, name: str, device: torch.device, compile: bool = False,

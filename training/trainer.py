@@ -66,7 +66,7 @@ class EpochEnd:
 @dataclass
 class TrainResult:
     """The finished run: its final LoRA file, epochs and optimizer steps; seconds in the epoch loop, and of
-    those the seconds spent compiling the step (each batch shape's first call)."""
+    those the seconds spent compiling the step (the calls that compiled a graph)."""
 
     checkpoint: Path
     epochs: int
@@ -147,9 +147,9 @@ def _compile_seconds(run: _Run) -> float:
 def _log_times(run: _Run, result: TrainResult) -> None:
     if not run.compiling:
         return
-    shapes = sum(len(c.compiles) for c in (run.unet_loss, run.text_encode) if c is not None)
+    graphs = sum(len(c.compiles) for c in (run.unet_loss, run.text_encode) if c is not None)
     log.info("training took %.1f s: %.1f s compiling %d graph(s) of the step, %.1f s training", result.seconds,
-             result.compile_seconds, shapes, result.seconds - result.compile_seconds)
+             result.compile_seconds, graphs, result.seconds - result.compile_seconds)
 
 
 def _output_dir(cfg: TrainingConfig) -> Path:
@@ -204,7 +204,7 @@ class TrainStep:
 
     Set up as :func:`train` sets up a run (LoRA network on ``models``, placement, optimizer and schedule
     from ``cfg``, the fast path of :mod:`training.fast` with the embeddings of ``captions`` cached when
-    the text encoders are frozen), and each call is :func:`train_step`, run-time fallback included. For
+    the text encoders are frozen), and each call is the loop's optimizer step, run-time fallback included. For
     measuring the step (``benchmarks/train_step.py``); ``cfg.max_train_steps`` bounds the LR schedule.
     """
 
@@ -222,7 +222,7 @@ class TrainStep:
 
     def __call__(self, batches: list) -> None:
         """One optimizer step over ``batches`` (``gradient_accumulation_steps`` micro-batches of cached latents)."""
-        train_step(self.run, [pin(batch) for batch in batches], self.params, self.losses)
+        _train_step(self.run, [pin(batch) for batch in batches], self.params, self.losses)
 
     @property
     def compiled(self) -> bool:
@@ -518,7 +518,7 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
             break
         window.append(batch)
         if (batch_no + 1) % accum == 0 or batch_no == len(batches) - 1:
-            train_step(run, window, params, losses)
+            _train_step(run, window, params, losses)
             window = []
             _show_step(run, bar, epoch, losses)
             _after_step(run, epoch, batches_done=batch_no + 1)
@@ -605,7 +605,7 @@ def _backward(run: _Run, loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def train_step(run: _Run, batches: list, params: list, losses: fast.LossLog) -> None:
+def _train_step(run: _Run, batches: list, params: list, losses: fast.LossLog) -> None:
     """One optimizer step over ``batches`` (its gradient-accumulation micro-batches); its loss goes to ``losses``.
 
     Run-time fallback: when the compiled step raises anything but running out of memory (while compiling,
@@ -618,15 +618,15 @@ def train_step(run: _Run, batches: list, params: list, losses: fast.LossLog) -> 
     weights take this step twice (a gradient an optimizer rejects fails its first parameter, which
     updates nothing); an error that leaves the GPU unusable fails the redo too, and with it the run.
     """
-    random = fast.StepRandom(run.device) if _compiled(run) else None
+    draws = fast.StepRandom(run.device) if _compiled(run) else None
     try:
         _accumulate_and_apply(run, batches, params, losses)
     except Exception as exc:  # noqa: BLE001 - any failure of the compiled step is redone uncompiled
-        if random is None or fast.is_out_of_memory(exc):
+        if draws is None or fast.is_out_of_memory(exc):
             raise
         _fall_back(run, exc)
         losses.discard_micro()
-        random.restore()
+        draws.restore()
         _accumulate_and_apply(run, batches, params, losses)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=not run.grad_buffers)
