@@ -39,7 +39,11 @@ with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLA
 slim.replace(wheel)
 print(f"{wheel.name}: kept {sorted(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith('.so'))}")
 PY
-    if ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then echo '/.whl/' >> .git/info/exclude; fi
+    local exclude
+    if exclude=$(git rev-parse --git-path info/exclude 2>/dev/null); then  # also right in a git worktree
+        mkdir -p "$(dirname "$exclude")"
+        grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+    fi
     du -ch "$WHEELS"/*.whl | tail -1
 }
 
