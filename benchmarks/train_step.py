@@ -7,9 +7,9 @@ achieved TFLOP/s and MFU, and peak GPU memory.
 
 * ``reference``: what a diffusers training example does: frozen UNet in bf16 with peft LoRA layers in
   float32, bf16 autocast, ``torch.optim.AdamW(fused=True)``, MSE on random latents and text embeddings.
-* ``trainer``: the step of ``training/trainer.py``'s loop, run through the trainer's own helpers
-  (``_place_models``, ``_build_optimization``, ``_setup_fast``, ``_micro_step``, ``_optimizer_step``) on
-  a ``_Run`` holding in-memory random-weight models, with the fast path of ``training/fast.py``: UNet
+* ``trainer``: the step of ``training/trainer.py``'s loop (``training.trainer.TrainStep``: the run's
+  set-up and ``train_step`` without a dataset) on in-memory random-weight models, with the fast path of
+  ``training/fast.py``: UNet
   step compiled (CUDA graphs), caption embeddings cached with the text encoders and VAE moved off the
   GPU, cached latents copied from pinned memory, losses kept on the device. Its first call (which
   compiles, or loads the compiled kernels from the cache) is timed apart as ``first_step_s``.
@@ -18,6 +18,9 @@ achieved TFLOP/s and MFU, and peak GPU memory.
 * ``trainer-te`` (only with ``--variants``): the search's usual set-up, with the text-encoder LoRA trained
   too, so the captions are tokenized and encoded (compiled) in every step; its TE work counts as overhead
   in TFLOP/s and MFU.
+* ``trainer-dynamic`` (only with ``--variants``): ``trainer`` after one step on latents 8 rows shorter, as a
+  run's second bucket: torch then compiles a graph with symbolic sizes, and that graph is what is timed
+  (the graph every bucket of a run after its first uses). Its ``compile_s`` counts both compilations.
 
 On CUDA each variant's step also runs once under ``torch.cuda.set_sync_debug_mode``, and the number of
 host-device synchronisations it made is reported (``syncs``).
@@ -57,7 +60,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0}
 CAPTION = "a photo of a sks dog sitting on a wooden bench in a sunny park, detailed, high quality"
 
 Step = Callable[[], None]
-VARIANTS = ("reference", "trainer", "trainer-eager", "trainer-te")
+VARIANTS = ("reference", "trainer", "trainer-eager", "trainer-te", "trainer-dynamic")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Result:
     mfu: Optional[float] = None
     peak_mem_gib: Optional[float] = None
     first_step_s: Optional[float] = None
+    compile_s: Optional[float] = None
     compiled: Optional[bool] = None
     syncs: Optional[int] = None
     step_ms: list = field(default_factory=list)
@@ -201,64 +205,61 @@ def reference_step(unet: Any, optimizer: torch.optim.Optimizer, batch: int, devi
     return step
 
 
-def trainer_run(kind: str, smoke: bool, device: torch.device, folder: Path, eager: bool = False,
-                train_text_encoder: bool = False) -> Any:
-    """A ``training.trainer._Run`` set up as ``_setup`` does, on in-memory models and without a dataset.
+def trainer_config(device: torch.device, folder: Path, train_text_encoder: bool = False) -> Any:
+    """The trainer's config for the benchmark: LoRA rank 64 / alpha 32, bf16 on CUDA, cached latents."""
+    from training.config import TrainingConfig
+
+    return TrainingConfig(
+        network_dim=RANK, network_alpha=ALPHA, network_train_unet_only=not train_text_encoder,
+        learning_rate=LEARNING_RATE, mixed_precision="bf16" if device.type == "cuda" else "no", cache_latents=True,
+        max_train_steps=10**6, output_dir=str(folder / "run"), seed=0,
+    )
+
+
+def trainer_setup(kind: str, smoke: bool, device: torch.device, folder: Path, eager: bool = False,
+                  train_text_encoder: bool = False) -> Any:
+    """``training.trainer.TrainStep`` on in-memory random-weight models, with the benchmark's caption cached.
 
     ``eager``: set up with ``LORA_SEARCH_EAGER=1`` (no compile, no caption cache, nothing offloaded).
     ``train_text_encoder``: LoRA on the text encoder(s) too (same rank and learning rate).
     """
     import os
 
-    from training import fast, trainer
-    from training.config import TrainingConfig
+    from training import fast
+    from training.trainer import TrainStep
 
-    cfg = TrainingConfig(
-        network_dim=RANK, network_alpha=ALPHA, network_train_unet_only=not train_text_encoder,
-        learning_rate=LEARNING_RATE,
-        mixed_precision="bf16" if device.type == "cuda" else "no", cache_latents=True,
-        max_train_steps=10**6, output_dir=str(folder / "run"), seed=0,
-    )
-    trainer._check_supported(cfg)
     models = build_models(kind, smoke, device, folder)
-    run = trainer._Run(cfg=cfg, out=folder / "run", device=device,
-                       autocast_dtype=trainer.MIXED_PRECISION_DTYPES[cfg.mixed_precision], seed=0, models=models,
-                       network=trainer._build_network(cfg, models), dataset=None,
-                       noise_scheduler=trainer._noise_scheduler(cfg))
-    trainer._place_models(run)
-    run.steps_per_epoch, run.epochs, run.total_steps = cfg.max_train_steps, 1, cfg.max_train_steps
-    trainer._build_optimization(run)
-    run.latents = []  # stands for the cached latents: the VAE is not needed in a step
     saved = os.environ.get(fast.EAGER_ENV)
     os.environ[fast.EAGER_ENV] = "1" if eager else "0"
     try:
-        trainer._setup_fast(run, captions={CAPTION})
+        return TrainStep(trainer_config(device, folder, train_text_encoder), models, {CAPTION}, device)
     finally:
         os.environ.pop(fast.EAGER_ENV) if saved is None else os.environ.__setitem__(fast.EAGER_ENV, saved)
-    return run
 
 
-def trainer_step(run: Any, batch: int, smoke: bool) -> Step:
-    """The body of ``trainer._train_epoch`` for one batch with cached latents (no accumulation)."""
-    from training import fast, trainer
+def latent_batch(unet: Any, batch: int, smoke: bool, height: Optional[int] = None) -> Any:
+    """A ``training.data.Batch`` of random cached latents (``height`` latent rows, default the UNet's size)."""
     from training.data import Batch
 
-    size = run.models.unet.config.sample_size
-    px = size * _vae_scale(smoke)
-    data = Batch(indices=list(range(batch)), captions=[CAPTION] * batch, flipped=[False] * batch, pixels=None,
-                 latents=torch.randn(batch, 4, size, size), original_hw=[(px, px)] * batch,
-                 crop_top_left=[(0, 0)] * batch, target_hw=[(px, px)] * batch)
-    data = fast.pin(data)  # as the loop's loader threads leave it
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    accum = run.cfg.gradient_accumulation_steps
-    losses = fast.LossLog()
+    size = unet.config.sample_size
+    height = height or size
+    scale = _vae_scale(smoke)
+    return Batch(indices=list(range(batch)), captions=[CAPTION] * batch, flipped=[False] * batch, pixels=None,
+                 latents=torch.randn(batch, 4, height, size), original_hw=[(height * scale, size * scale)] * batch,
+                 crop_top_left=[(0, 0)] * batch, target_hw=[(height * scale, size * scale)] * batch)
 
-    def step() -> None:
-        losses.add(trainer._micro_step(run, data, accum))
-        trainer._optimizer_step(run, params)
-        losses.end_step()
 
-    return step
+def trainer_step(step: Any, batch: int, smoke: bool, other_bucket_first: bool = False) -> Step:
+    """One optimizer step of the trainer (no accumulation) on a batch of cached latents.
+
+    ``other_bucket_first``: call it once on a batch of another height first, as a run's second bucket
+    does, so the timed shape runs the graph torch compiled with symbolic sizes.
+    """
+    unet = step.run.models.unet
+    if other_bucket_first:
+        step([latent_batch(unet, batch, smoke, height=unet.config.sample_size - 8)])
+    data = [latent_batch(unet, batch, smoke)] * step.run.cfg.gradient_accumulation_steps
+    return partial(step, data)
 
 
 # --- measuring -----------------------------------------------------------------------------------------
@@ -358,16 +359,18 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> lis
         _free(device)
     for variant in [v for v in args.variants if v != "reference"]:
         with tempfile.TemporaryDirectory(prefix="lora-search-bench-") as folder:
-            run = trainer_run(kind, args.smoke, device, Path(folder), eager=variant == "trainer-eager",
-                              train_text_encoder=variant == "trainer-te")
-            make_step = partial(trainer_step, run, smoke=args.smoke)
+            step = trainer_setup(kind, args.smoke, device, Path(folder), eager=variant == "trainer-eager",
+                                 train_text_encoder=variant == "trainer-te")
             for batch in args.batches:
+                before = step.compile_seconds
+                make_step = partial(trainer_step, step, smoke=args.smoke, other_bucket_first=variant == "trainer-dynamic")
                 result = measure(arch, variant, batch, make_step, args, device)
-                result.compiled = run.unet_loss.compiled
+                result.compiled, result.compile_s = step.compiled, round(step.compile_seconds - before, 2)
                 results.append(result)
-            if run.compiling:
-                fast.release_compiled()
-            del run, make_step
+                if step.run.compiling:
+                    fast.release_compiled()  # each batch size its own static graph, as a padded run has
+            step.close()
+            del step, make_step
         _free(device)
     return results
 

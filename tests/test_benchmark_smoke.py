@@ -66,9 +66,9 @@ def test_optional_trainer_variants_run(bench, tmp_path: Path, capsys: pytest.Cap
     """The trainer's plain step and the text-encoder-trained set-up run too, and bad names are refused."""
     out = tmp_path / "variants.json"
     args = ["--smoke", "--arch", "sd15", "--batches", "1", "--steps", "1", "--warmup", "0", "--out", str(out)]
-    assert bench.main(args + ["--variants", "reference,trainer-eager,trainer-te"]) == 0
+    assert bench.main(args + ["--variants", "reference,trainer-eager,trainer-te,trainer-dynamic"]) == 0
     results = json.loads(out.read_text())["results"]
-    assert [r["variant"] for r in results] == ["reference", "trainer-eager", "trainer-te"]
+    assert [r["variant"] for r in results] == ["reference", "trainer-eager", "trainer-te", "trainer-dynamic"]
     assert all(r["ms_per_step"] > 0 and r["error"] is None for r in results)
     assert results[2]["speedup"] is not None  # measured against the same run's reference
     with pytest.raises(SystemExit):

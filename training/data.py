@@ -328,6 +328,29 @@ def count_batches(items: Sequence[ImageItem], buckets: Sequence[Size], batch_siz
     return sum(-(-n // batch_size) for n in counts.values())
 
 
+def step_shapes(items: Sequence[ImageItem], buckets: Sequence[Size], batch_size: int,
+                padded: bool = True) -> dict[tuple[int, int, int], int]:
+    """Batches per epoch of each distinct (batch, width, height) the training step sees, in pixels.
+
+    A compiled step compiles once per shape. ``padded`` (what the trainer does) fills a bucket's short
+    last batch up to ``batch_size`` (see :meth:`TrainDataset.make_batch`), so every bucket is one shape;
+    without it, as sd-scripts batches, a bucket whose examples do not divide by ``batch_size`` adds a
+    second shape for its last batch.
+    """
+    counts: dict[Size, int] = {}
+    for item, bucket in zip(items, buckets, strict=True):
+        counts[tuple(bucket)] = counts.get(tuple(bucket), 0) + item.repeats
+    shapes: dict[tuple[int, int, int], int] = {}
+    for (width, height), n in counts.items():
+        full, rest = divmod(n, batch_size)
+        if full:
+            shapes[(batch_size, width, height)] = full
+        if rest:
+            key = (batch_size if padded else rest, width, height)
+            shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
 def example_rng(seed: int, epoch: int, batch_no: int, slot: int) -> random.Random:
     """The random source of the ``slot``-th example of batch ``batch_no`` in ``epoch``."""
     return random.Random(f"lora-search example {seed} {epoch} {batch_no} {slot}")
@@ -341,7 +364,9 @@ class Batch:
     """One batch, ready for the model. ``pixels`` (B, 3, H, W) in [-1, 1] or cached ``latents``; one is None.
 
     ``original_hw``, ``crop_top_left`` and ``target_hw`` are per example, in SDXL's (height, width)
-    order, for its size conditioning.
+    order, for its size conditioning. ``weights`` are per-example loss weights for a padded batch (0 for
+    the padding rows, ``rows / real rows`` for the others, so the mean over the batch is the mean over its
+    real examples); None means every row counts 1.
     """
 
     indices: list[int]
@@ -352,6 +377,7 @@ class Batch:
     original_hw: list[tuple[int, int]]
     crop_top_left: list[tuple[int, int]]
     target_hw: list[tuple[int, int]]
+    weights: Optional["torch.Tensor"] = None
 
 
 class TrainDataset:
@@ -397,15 +423,34 @@ class TrainDataset:
             texts.add("")
         return texts
 
+    def step_shapes(self, batch_size: int, padded: bool = True) -> dict[tuple[int, int, int], int]:
+        """See :func:`step_shapes`."""
+        return step_shapes(self.items, self.buckets, batch_size, padded)
+
     def make_batch(self, indices: Sequence[int], seed: int, epoch: int, batch_no: int,
                    latents: Optional[Sequence["torch.Tensor"]] = None,
-                   flipped_latents: Optional[Sequence["torch.Tensor"]] = None) -> Batch:
+                   flipped_latents: Optional[Sequence["torch.Tensor"]] = None, pad_to: int = 0) -> Batch:
         """Captions and pixels (or cached latents) for batch ``batch_no`` of ``epoch``.
 
         ``latents[i]`` / ``flipped_latents[i]`` are item ``i``'s cached latents (see
         :class:`training.latent_cache.LatentCache`); with them no image is decoded. They cannot be
         combined with ``color_aug``, which changes the pixels every time.
+
+        ``pad_to``: a shorter batch (a bucket's last) is filled up to that many rows with repeats of its
+        own examples, weighted 0 in the loss (``Batch.weights``): the gradient is the short batch's, and
+        the step keeps one shape per bucket, so a compiled step compiles once per bucket.
         """
+        import torch
+
+        real = len(indices)
+        indices = [indices[i % real] for i in range(max(real, pad_to))]
+        batch = self._make(indices, seed, epoch, batch_no, latents, flipped_latents)
+        if len(indices) > real:
+            batch.weights = torch.tensor([len(indices) / real] * real + [0.0] * (len(indices) - real))
+        return batch
+
+    def _make(self, indices: Sequence[int], seed: int, epoch: int, batch_no: int,
+              latents: Optional[Sequence["torch.Tensor"]], flipped_latents: Optional[Sequence["torch.Tensor"]]) -> Batch:
         import torch
 
         opts = self.options

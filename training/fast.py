@@ -6,17 +6,21 @@ launches, and every host-device synchronisation stalls the queue. So:
 * :class:`UnetLoss` runs the UNet forward and the loss (and :class:`Compiled` the text encoders when
   they run in the step) through ``torch.compile`` (config ``torch_compile``: unset means on with CUDA,
   off on the CPU) with the ``dynamo_backend``; on CUDA the inductor backend runs in ``reduce-overhead``
-  mode, which replays the step as CUDA graphs. Every batch
-  shape (bucket, short last batch) compiles once per run; the generated code is cached on disk
+  mode, which replays the step as CUDA graphs. Batches are padded to one shape per bucket
+  (``TrainDataset.make_batch``), and with torch's automatic dynamic shapes the first bucket compiles a
+  graph of its own and the second one a graph with symbolic sizes that serves all later buckets (an odd
+  size can add one more), so a run compiles two or three graphs however many buckets it has, where it
+  compiled one per bucket and short last batch before. The generated code is cached on disk
   (:func:`compile_cache_dir`), so a later run with the same model, rank and shapes skips code
-  generation. Compilation errors surface on the first call of a shape; then the run logs one warning and
-  goes on eagerly. Noise and timesteps are drawn outside the compiled part, so the compiled and the
-  eager step see the same random numbers.
+  generation. Errors of the compiled step, at compile or at run time, propagate to the trainer, which
+  drops the compiled callables (:meth:`Compiled.drop`) and redoes that optimizer step eagerly from the
+  same random numbers (:class:`StepRandom`). Noise and timesteps are drawn outside the compiled part,
+  so the compiled and the eager step see the same random numbers.
 * :class:`CaptionCache` encodes every caption once when no text-encoder LoRA is trained and captions are
   not shuffled; then the text encoders, and the VAE once latents are cached, leave the GPU until sample
   images need them (:func:`models_on`).
 * Nothing in a step waits for the GPU: batches go to the device from pinned memory without blocking
-  (:func:`to_device`), and losses stay on the device (:class:`LossLog`) until the epoch's log line.
+  (:func:`training.devices.to_device`), and losses stay on the device (:class:`LossLog`) until the epoch's log line.
 
 ``LORA_SEARCH_EAGER=1`` in the environment turns all of this off (no compile, no caption cache, models
 stay on the device): the plain step, to compare against or to rule the fast path out.
@@ -33,6 +37,9 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from training.devices import autocast
+from training.models import encode_captions, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +78,15 @@ def configure_cuda() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
-    """Mixed precision in ``dtype`` on ``device``'s type; a no-op context when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory without blocking the host."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    if not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def pin(batch: Any) -> Any:
-    """The batch with its latents / pixels in pinned memory (for :func:`to_device`); unchanged without CUDA."""
-    if not torch.cuda.is_available():
-        return batch
-    for name in ("latents", "pixels"):
-        tensor = getattr(batch, name, None)
-        if tensor is not None and not tensor.is_pinned():
-            setattr(batch, name, tensor.pin_memory())
-    return batch
-
-
 # --- the compiled UNet step ----------------------------------------------------------------------------
 
 class Compiled:
-    """``fn`` through ``torch.compile`` when asked; ``fn`` itself from the start, or for good once compiling fails.
+    """``fn`` through ``torch.compile`` when asked; ``fn`` itself from the start, or for good after :meth:`drop`.
 
-    ``name`` is for the log. Outputs under CUDA graphs live in memory the next step reuses: call
-    :func:`begin_step` before each step, and keep copies (as :class:`LossLog` does) of what must outlive it.
+    Errors of the compiled call (compiling, running, replaying a CUDA graph) propagate: the trainer
+    decides what to redo (``training.trainer``'s run-time fallback). ``name`` is for the log. Outputs under
+    CUDA graphs live in memory the next step reuses: call :func:`begin_step` before each step, and keep
+    copies (as :class:`LossLog` does) of what must outlive it.
     """
 
     def __init__(self, fn: Any, name: str, device: torch.device, compile: bool = False,
@@ -111,44 +95,41 @@ class Compiled:
         self.cuda_graphs = compile and device.type == "cuda" and backend in ("inductor", "cudagraphs")
         self._compiled = None
         self._shapes: set[tuple] = set()
-        self.compiles: list[dict] = []  # per input shape: seconds of its first (compiling) call, cache hits/misses
+        self.compiles: list[dict] = []  # per compilation: input shape, seconds of that call, graphs, cache hits/misses
         if compile:
             _prepare_dynamo()
             mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
-            self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+            # dynamic=None is torch's automatic dynamic shapes: the first input shape compiles a static graph,
+            # a second one a graph whose changed sizes are symbols, which then serves every later bucket.
+            self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=None)
 
     @property
     def compiled(self) -> bool:
-        """Whether calls go through ``torch.compile`` (False from the start, or after a failed compile)."""
+        """Whether calls go through ``torch.compile`` (False from the start, or after :meth:`drop`)."""
         return self._compiled is not None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds of the calls that compiled a graph so far (a graph's first call pays its compilation)."""
+        return sum(entry["seconds"] for entry in self.compiles)
 
     def __call__(self, *args: Any) -> Any:
         if self._compiled is None:
             return self.fn(*args)
         shapes = _shapes_of(args)
         started, before = time.perf_counter(), _cache_counts()
-        try:
-            with _eager_backward_lowering():
-                out = self._compiled(*args)
-        except torch.OutOfMemoryError:
-            raise  # a real limit of this configuration, reported as such
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the plain call
-            self._fall_back(exc)
-            return self.fn(*args)
+        with _eager_backward_lowering():
+            out = self._compiled(*args)
         if shapes not in self._shapes:
             self._shapes.add(shapes)
-            self._note_compile(shapes, time.perf_counter() - started, before)
+            if _cache_counts()["graphs"] > before["graphs"]:  # else an earlier (dynamic) graph took the shape
+                self._note_compile(shapes, time.perf_counter() - started, before)
         return out
 
-    def _fall_back(self, exc: Exception) -> None:
-        cause = exc
-        while getattr(cause, "inner_exception", None) is not None:  # torch wraps the compiler's own error
-            cause = cause.inner_exception
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
-        log.warning("torch.compile (%s) of the %s failed: %s: %s; training goes on without compiling it "
-                    "(set torch_compile = false to skip compilation)", getattr(self.backend, "__name__", self.backend),
-                    self.name, type(cause).__name__, first)
+    def drop(self) -> None:
+        """Call ``fn`` itself from now on: the compiled version failed (the trainer logs why)."""
         self._compiled = None
+        self.cuda_graphs = False
 
     def _note_compile(self, shapes: tuple, seconds: float, before: dict[str, int]) -> None:
         after = _cache_counts()
@@ -162,7 +143,8 @@ class Compiled:
 class UnetLoss(Compiled):
     """``(noisy, timesteps, hidden, added, target, weights) -> loss``: the UNet forward and its MSE.
 
-    ``weights`` are per-sample loss weights (min-SNR) or None. The loss is a 0-dim float32 tensor.
+    ``weights`` are per-sample loss weights (0 for a padded batch's filler rows, times min-SNR's) or None.
+    The loss is a 0-dim float32 tensor.
     """
 
     def __init__(self, unet: torch.nn.Module, autocast_dtype: Optional[torch.dtype], device: torch.device,
@@ -192,6 +174,38 @@ def release_compiled() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an error whose message says the device ran out of memory (cuDNN, cuBLAS)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def failure_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the error underneath torch's wrappers (a compiler's own error), for one log line."""
+    cause = exc
+    while getattr(cause, "inner_exception", None) is not None:
+        cause = cause.inner_exception
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{type(cause).__name__}: {first}"
+
+
+class StepRandom:
+    """The torch random streams a training step draws from (CPU, and the run's GPU), to draw the same again.
+
+    Capturing is a host-side copy of the generators' states: it does not wait for the GPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        """Put the streams back where they were at capture."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 def _prepare_dynamo() -> None:
@@ -224,10 +238,10 @@ def _eager_backward_lowering() -> Any:
 
 
 def _cache_counts() -> dict[str, int]:
-    """torch's running counts of compiled graphs found in / missing from the on-disk cache."""
+    """torch's running counts of graphs compiled, and of compiled graphs found in / missing from the disk cache."""
     from torch._dynamo.utils import counters
 
-    return {"cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+    return {"graphs": counters["stats"]["unique_graphs"], "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
             "cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
 
 
@@ -242,8 +256,6 @@ class CaptionCache:
 
     def __init__(self, models: Any, captions: Iterable[str], device: torch.device, clip_skip: Optional[int],
                  max_token_length: Optional[int], autocast_dtype: Optional[torch.dtype], chunk: int = 32) -> None:
-        from training.models import encode_captions
-
         texts = sorted(set(captions))
         self.index = {text: i for i, text in enumerate(texts)}
         self.models, self.device = models, device
@@ -267,8 +279,6 @@ class CaptionCache:
         """Conditioning for ``captions`` (and ``batch``'s SDXL size ids), without running a text encoder."""
         if any(text not in self.index for text in captions):
             return self._encode_missing(captions, batch)
-        from training.models import sdxl_time_ids
-
         rows = [self.index[text] for text in captions]
         # Python-int slices are views: no index tensor to copy to the device, so no wait for the GPU.
         hidden = torch.cat([self.hidden[i:i + 1] for i in rows])
@@ -279,8 +289,6 @@ class CaptionCache:
 
     def _encode_missing(self, captions: list[str], batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
         # Every caption of the dataset is cached up front; this only guards against a caption rule changing.
-        from training.models import encode_captions
-
         self.misses += 1
         if self.misses == 1:
             log.warning("a caption outside the text-embedding cache; encoding it where the text encoder is")
@@ -320,6 +328,10 @@ class LossLog:
     def add(self, loss: torch.Tensor) -> None:
         """One micro-batch's loss (copied: a CUDA-graph output is overwritten by the next step)."""
         self._micro.append(loss.detach().float().clone())
+
+    def discard_micro(self) -> None:
+        """Forget the losses of the optimizer step in progress (it is being redone)."""
+        self._micro = []
 
     def end_step(self) -> None:
         """Close an optimizer step: its loss is the mean of its micro-batches."""

@@ -19,7 +19,7 @@ import torch
 
 from training.config import TrainingConfig
 from training.errors import LoraSearchError
-from training.fast import to_device
+from training.devices import to_device
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 # A key present only in SDXL base checkpoints (the second, OpenCLIP bigG text encoder).

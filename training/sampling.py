@@ -25,7 +25,8 @@ import torch
 from training.atomic import atomic_write_text, atomic_write_with
 from training.config import TrainingConfig
 from training.errors import ConfigError, LoraSearchError
-from training.fast import autocast
+from training.models import encode_captions, load_models
+from training.devices import autocast, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,6 @@ def prompt_inputs(cfg: TrainingConfig, models: Any, pipe: Any, prompt: Any, devi
 
 
 def _embeddings(cfg: TrainingConfig, models: Any, text: str, device: torch.device, length: int) -> dict[str, Any]:
-    from training.models import encode_captions
-
     hidden, added = encode_captions(models, [text], device, cfg.clip_skip, max_token_length=length)
     if added is None:
         return {"prompt_embeds": hidden}
@@ -204,9 +203,6 @@ def count_tokens(models: Any, text: str) -> int:
 def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int,
                      step: Optional[int] = None) -> list[Path]:
     """Regenerate the sample images of ``epoch`` (or of ``step``) from a saved LoRA checkpoint (loaded as diffusers does)."""
-    from training.models import load_models
-    from training.trainer import pick_device
-
     if not cfg.sample_prompts:
         raise ConfigError("sample_prompts is not set; add a prompt file under [saving] to generate samples")
     lora_path = Path(lora_path)

@@ -27,15 +27,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from training.config import TrainingConfig, load_training_config, parse_resolution, write_config
+from training.data import TrainDataset
 from training.errors import ConfigError, LoraSearchError
 from training import fast
-from training.models import encode_captions, encode_tokens
+from training.devices import autocast, pick_device, pin, to_device
+from training.models import encode_captions, encode_tokens, load_models
+from training.sampling import load_prompts, preserved_rng, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +66,14 @@ class EpochEnd:
 
 @dataclass
 class TrainResult:
-    """The finished run: its final LoRA file, epochs and optimizer steps."""
+    """The finished run: its final LoRA file, epochs and optimizer steps; seconds in the epoch loop, and of
+    those the seconds spent compiling the step (the calls that compiled a graph)."""
 
     checkpoint: Path
     epochs: int
     steps: int
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
 
 
 @dataclass
@@ -95,14 +101,10 @@ class _Run:
     text_encode: Any = None  # fast.Compiled over models.encode_tokens, when captions are not cached
     compiling: bool = False  # torch.compile was asked for (its graphs are dropped when the run ends)
     grad_buffers: bool = False  # gradients accumulate in buffers of their own (zeroed, never freed)
+    phase: str = ""  # what the step is doing (forward, backward, optimizer step), for the fallback's log line
     captions: Any = None  # fast.CaptionCache when the text encoders are frozen and captions fixed
     offloaded: list = field(default_factory=list)  # frozen models kept on the CPU between sample images
     log: Any = None  # tb_log.TrainingLog when the config logs to TensorBoard or W&B
-
-
-def pick_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[Callable[[EpochEnd], None]] = None,
@@ -124,6 +126,7 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
         else:
             log.info("training %d epochs, %d steps (%d per epoch) from epoch %d, step %d", run.epochs,
                      run.total_steps, run.steps_per_epoch, done + 1, run.global_step)
+        started = time.perf_counter()
         for epoch in range(done + 1, run.epochs + 1):
             losses = _train_epoch(run, epoch, start_batch if epoch == done + 1 else 0)
             event = _end_epoch(run, epoch, losses)
@@ -133,11 +136,26 @@ def train(cfg: TrainingConfig, *, resume: bool = False, on_epoch_end: Optional[C
         final = _final_path(run)
         if not final.is_file():  # a resume of a finished run whose final file went missing
             _save_checkpoint(run, run.epochs, final)
-        return TrainResult(checkpoint=final, epochs=run.epochs, steps=run.global_step)
+        result = TrainResult(checkpoint=final, epochs=run.epochs, steps=run.global_step,
+                             seconds=time.perf_counter() - started, compile_seconds=_compile_seconds(run))
+        _log_times(run, result)
+        return result
     finally:
         if run.log is not None:
             run.log.close()
         _release(run)
+
+
+def _compile_seconds(run: _Run) -> float:
+    return sum(c.compile_seconds for c in (run.unet_loss, run.text_encode) if c is not None)
+
+
+def _log_times(run: _Run, result: TrainResult) -> None:
+    if not run.compiling:
+        return
+    graphs = sum(len(c.compiles) for c in (run.unet_loss, run.text_encode) if c is not None)
+    log.info("training took %.1f s: %.1f s compiling %d graph(s) of the step, %.1f s training", result.seconds,
+             result.compile_seconds, graphs, result.seconds - result.compile_seconds)
 
 
 def _output_dir(cfg: TrainingConfig) -> Path:
@@ -164,28 +182,67 @@ def seed_everything(seed: int) -> None:
 # --- set-up --------------------------------------------------------------------------------------------
 
 def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) -> _Run:
-    from training.data import TrainDataset
-    from training.models import load_models
-
     _check_supported(cfg)
     if cfg.sample_prompts:
-        from training.sampling import load_prompts
-
         load_prompts(cfg)  # a bad prompt file fails now, not after the first epoch
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     seed_everything(seed)
-    device = pick_device()
     dataset = TrainDataset.from_config(cfg)
-    models = load_models(cfg)
-    run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
-               seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
-               noise_scheduler=_noise_scheduler(cfg))
-    _place_models(run)
+    run = _build_run(cfg, out, load_models(cfg), dataset, seed, pick_device())
     _plan_steps(run)
     _cache_latents(run, latent_cache_dir)
     _build_optimization(run)
     _setup_fast(run)
     return run
+
+
+def _build_run(cfg: TrainingConfig, out: Path, models: Any, dataset: Any, seed: int, device: torch.device) -> _Run:
+    """The run's LoRA network on ``models``, placed on ``device`` (no steps planned, no optimizer yet)."""
+    run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
+               seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
+               noise_scheduler=_noise_scheduler(cfg))
+    _place_models(run)
+    return run
+
+
+class TrainStep:
+    """The trainer's optimizer step on batches of cached latents handed to it: no dataset, no output folder.
+
+    Set up as :func:`train` sets up a run (LoRA network on ``models``, placement, optimizer and schedule
+    from ``cfg``, the fast path of :mod:`training.fast` with the embeddings of ``captions`` cached when
+    the text encoders are frozen), and each call is the loop's optimizer step, run-time fallback included. For
+    measuring the step (``benchmarks/train_step.py``); ``cfg.max_train_steps`` bounds the LR schedule.
+    """
+
+    def __init__(self, cfg: TrainingConfig, models: Any, captions: Iterable[str] = (),
+                 device: Optional[torch.device] = None) -> None:
+        _check_supported(cfg)
+        self.run = _build_run(cfg, Path(cfg.output_dir or "."), models, None, cfg.seed or 0, device or pick_device())
+        steps = cfg.max_train_steps or 10**6
+        self.run.steps_per_epoch, self.run.epochs, self.run.total_steps = steps, 1, steps
+        _build_optimization(self.run)
+        self.run.latents = []  # batches bring latents: the VAE is not needed in a step
+        _setup_fast(self.run, captions=set(captions))
+        self.params = [p for group in self.run.optimizer.param_groups for p in group["params"]]
+        self.losses = fast.LossLog()
+
+    def __call__(self, batches: list) -> None:
+        """One optimizer step over ``batches`` (``gradient_accumulation_steps`` micro-batches of cached latents)."""
+        _train_step(self.run, [pin(batch) for batch in batches], self.params, self.losses)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs compiled (False when not asked for, or after a fallback)."""
+        return _compiled(self.run)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far."""
+        return _compile_seconds(self.run)
+
+    def close(self) -> None:
+        """Drop the compiled graphs and the models' references (free the GPU for the next measurement)."""
+        _release(self.run)
 
 
 def _check_supported(cfg: TrainingConfig) -> None:
@@ -298,9 +355,11 @@ def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
         run.network.scale_as_tensors(run.device)
     run.unet_loss = fast.UnetLoss(run.models.unet, run.autocast_dtype, run.device, compile_, cfg.dynamo_backend)
     if compile_:
+        shapes = f"{len(run.dataset.step_shapes(cfg.train_batch_size))} batch shape(s), one per bucket; " \
+            if run.dataset is not None else ""
         log.info("compiling the training step with torch.compile (%s%s); each new batch shape takes a while the "
-                 "first time, cached in %s", cfg.dynamo_backend, ", CUDA graphs" if run.unet_loss.cuda_graphs else "",
-                 fast.compile_cache_dir())
+                 "first time (%scached in %s)", cfg.dynamo_backend, ", CUDA graphs" if run.unet_loss.cuda_graphs else "",
+                 shapes, fast.compile_cache_dir())
     # Moved once here, so add_noise / get_velocity / compute_snr never copy it to the GPU in a step.
     run.noise_scheduler.alphas_cumprod = run.noise_scheduler.alphas_cumprod.to(run.device)
     _setup_conditioning(run, captions, plain)
@@ -341,7 +400,6 @@ def _cache_latents(run: _Run, cache_dir: str | Path | None) -> None:
     import tempfile
 
     from training.latent_cache import LatentCache
-    from training.sampling import preserved_rng
 
     cfg = run.cfg
     if not cfg.cache_latents or cfg.color_aug:
@@ -377,7 +435,7 @@ def _encoder(run: _Run, seeded: bool = False, to_cpu: bool = True) -> Callable[[
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(run.device.type).manual_seed(0) if seeded else None
-        pixels = fast.to_device(pixels, run.device).to(next(vae.parameters()).dtype)
+        pixels = to_device(pixels, run.device).to(next(vae.parameters()).dtype)
         latents = (vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
         return latents.cpu() if to_cpu else latents
 
@@ -454,19 +512,20 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
                 param.grad = torch.zeros_like(param)
     bar = _progress(run, epoch)
     losses, started, steps_before = fast.LossLog(), time.perf_counter(), run.global_step
+    compiled_before = _compile_seconds(run)
 
     def make(batch_no: int) -> Any:
-        return fast.pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
-                                               run.flipped))
+        return pin(run.dataset.make_batch(batches[batch_no], run.seed, epoch, batch_no, run.latents,
+                                          run.flipped, pad_to=cfg.train_batch_size))
 
-    todo = range(start_batch, len(batches))
+    todo, window = range(start_batch, len(batches)), []
     for batch_no, batch in _prefetched(make, todo, cfg.max_data_loader_n_workers):
         if run.global_step >= run.total_steps:
             break
-        losses.add(_micro_step(run, batch, accum))
+        window.append(batch)
         if (batch_no + 1) % accum == 0 or batch_no == len(batches) - 1:
-            _optimizer_step(run, params)
-            losses.end_step()
+            _train_step(run, window, params, losses)
+            window = []
             _show_step(run, bar, epoch, losses)
             _after_step(run, epoch, batches_done=batch_no + 1)
             if run.log is not None:
@@ -475,9 +534,11 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int = 0) -> list[float]:
         bar.close()
     values = losses.values()  # the epoch's one wait for the GPU
     seconds = time.perf_counter() - started
-    log.info("epoch %d/%d: loss %.4f, lr %.2e, %.2f it/s, step %d/%d", epoch, run.epochs,
+    compiling = _compile_seconds(run) - compiled_before
+    log.info("epoch %d/%d: loss %.4f, lr %.2e, %.2f it/s, step %d/%d, %.1f s%s", epoch, run.epochs,
              float(np.mean(values)) if values else float("nan"), _lr(run),
-             (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps)
+             (run.global_step - steps_before) / max(seconds, 1e-9), run.global_step, run.total_steps, seconds,
+             f" ({compiling:.1f} s of it compiling)" if compiling else "")
     return values
 
 
@@ -521,8 +582,6 @@ def _due(step: int, every: Optional[int]) -> bool:
 
 def _after_step(run: _Run, epoch: int, batches_done: int) -> None:
     """Save what is due after an optimizer step of ``epoch``: step checkpoint and state, then samples."""
-    from training.sampling import sample_images
-
     cfg, step = run.cfg, run.global_step
     # The last step's checkpoint is the final file, written at the end of its epoch.
     if _due(step, cfg.save_every_n_steps) and step < run.total_steps:
@@ -554,7 +613,65 @@ def _backward(run: _Run, loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def _optimizer_step(run: _Run, params: list) -> None:
+def _train_step(run: _Run, batches: list, params: list, losses: fast.LossLog) -> None:
+    """One optimizer step over ``batches`` (its gradient-accumulation micro-batches); its loss goes to ``losses``.
+
+    Run-time fallback: when the compiled step raises anything but running out of memory (while compiling,
+    in the forward, the backward, a CUDA-graph replay, or the optimizer step that reads its gradients),
+    the run logs one line with the cause, drops the compiled callables for the rest of the run, discards
+    the gradients and losses of this step's micro-batches so far, and redoes the whole step uncompiled from
+    the random numbers it started with. So no gradient counts twice, the step count is unchanged, and the
+    run goes on as an uncompiled run would. Running out of memory propagates (a real limit of the config).
+    Limits: an optimizer that fails part-way, after updating some weights, cannot be undone, so those
+    weights take this step twice (a gradient an optimizer rejects fails its first parameter, which
+    updates nothing); an error that leaves the GPU unusable fails the redo too, and with it the run.
+    """
+    draws = fast.StepRandom(run.device) if _compiled(run) else None
+    try:
+        _accumulate_and_apply(run, batches, params, losses)
+    except Exception as exc:  # noqa: BLE001 - any failure of the compiled step is redone uncompiled
+        if draws is None or fast.is_out_of_memory(exc):
+            raise
+        _fall_back(run, exc)
+        losses.discard_micro()
+        draws.restore()
+        _accumulate_and_apply(run, batches, params, losses)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=not run.grad_buffers)
+    run.global_step += 1
+    losses.end_step()
+
+
+def _compiled(run: _Run) -> bool:
+    return any(c is not None and c.compiled for c in (run.unet_loss, run.text_encode))
+
+
+def _accumulate_and_apply(run: _Run, batches: list, params: list, losses: fast.LossLog) -> None:
+    for batch in batches:
+        losses.add(_micro_step(run, batch, run.cfg.gradient_accumulation_steps))
+    run.phase = "optimizer step"
+    _apply_gradients(run, params)
+
+
+def _fall_back(run: _Run, exc: Exception) -> None:
+    """Drop the compiled step for the rest of the run, and the gradients of the step in progress."""
+    log.warning("the compiled training step failed in the %s at step %d: %s; this step is redone uncompiled and "
+                "the run goes on without compiling (set torch_compile = false to skip compilation)", run.phase,
+                run.global_step + 1, fast.failure_cause(exc))
+    for call in (run.unet_loss, run.text_encode):
+        if call is not None:
+            call.drop()
+    run.optimizer.zero_grad(set_to_none=True)  # also lets go of gradients living in CUDA-graph memory
+    run.grad_buffers = False
+    fast.release_compiled()
+    if run.scaler is not None:  # forget that this step's gradients were unscaled already
+        scaler = torch.amp.GradScaler(run.device.type)
+        scaler.load_state_dict(run.scaler.state_dict())
+        run.scaler = scaler
+
+
+def _apply_gradients(run: _Run, params: list) -> None:
+    """Unscale (fp16), clip and apply the accumulated gradients."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.max_grad_norm > 0:
@@ -564,15 +681,15 @@ def _optimizer_step(run: _Run, params: list) -> None:
         run.scaler.update()
     else:
         run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=not run.grad_buffers)
-    run.global_step += 1
 
 
 def _micro_step(run: _Run, batch: Any, accum: int) -> torch.Tensor:
     """Forward and backward of one batch (its gradients added to the LoRA's); returns its loss."""
+    shape = "x".join(map(str, (batch.latents if batch.latents is not None else batch.pixels).shape))
+    run.phase = f"forward (input {shape})"
     fast.begin_step([run.text_encode, run.unet_loss])
     loss = _loss(run, batch)
+    run.phase = f"backward (input {shape})"
     _backward(run, loss / accum)
     return loss
 
@@ -585,7 +702,7 @@ def _loss(run: _Run, batch: Any) -> torch.Tensor:
     """
     cfg, sched = run.cfg, run.noise_scheduler
     if batch.latents is not None:
-        latents = fast.to_device(batch.latents, run.device)
+        latents = to_device(batch.latents, run.device)
     else:
         latents = _encoder(run, to_cpu=False)(batch.pixels)
     noise = torch.randn_like(latents)
@@ -595,8 +712,11 @@ def _loss(run: _Run, batch: Any) -> torch.Tensor:
     noisy = sched.add_noise(latents, noise, timesteps)
     hidden, added = _conditioning(run, batch)
     target = sched.get_velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
-    weights = (min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
-               if cfg.min_snr_gamma else None)
+    # Always a tensor, so that padded and full batches of a bucket run one compiled graph.
+    weights = (to_device(batch.weights, run.device) if batch.weights is not None
+               else torch.ones(latents.shape[0], device=run.device))
+    if cfg.min_snr_gamma:
+        weights = weights * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
     return run.unet_loss(noisy, timesteps, hidden, added, target, weights)
 
 
@@ -606,7 +726,7 @@ def _conditioning(run: _Run, batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
         return run.captions.lookup(batch.captions, batch)
     cfg = run.cfg
     # A frozen text encoder needs no activation memory.
-    with fast.autocast(run.device, run.autocast_dtype), torch.set_grad_enabled(_trains_text_encoder(run)):
+    with autocast(run.device, run.autocast_dtype), torch.set_grad_enabled(_trains_text_encoder(run)):
         return encode_captions(run.models, batch.captions, run.device, cfg.clip_skip, batch, cfg.max_token_length,
                                encode=run.text_encode)
 
@@ -645,8 +765,6 @@ def _log_epoch(run: _Run, event: EpochEnd) -> None:
 
 def _end_epoch(run: _Run, epoch: int, losses: Optional[list[float]] = None) -> EpochEnd:
     """Save what is due for ``epoch``: checkpoint, state, samples (in that order)."""
-    from training.sampling import sample_images
-
     cfg = run.cfg
     last = epoch == run.epochs
     checkpoint = None
