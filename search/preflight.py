@@ -48,6 +48,9 @@ def preflight(settings: StudySettings, tmux: bool = False, load_clip: bool = Tru
     say(f"configs: {settings.study.base_config}, {settings.study.search_space} ({len(space.distributions)} "
         "searched parameters)")
     cfg = first_trial_config(settings, space, base)
+    from training.families import check_family_config
+
+    check_family_config(cfg, "SD 1.x/SDXL", builtin=settings.backend.type == "builtin")
     say("a first trial config builds and is valid")
     if settings.study.baseline_config:
         check_baseline(settings, space, base)

@@ -60,6 +60,8 @@ CASES = [
     ("wrong type", lambda p: replace(base(p), "max_train_epochs = 4", 'max_train_epochs = "four"'),
      "max_train_epochs"),
     ("xformers", lambda p: replace(base(p), "xformers = false", "xformers = true"), "xformers"),
+    ("an SD3-only key", lambda p: replace(base(p), "seed = 42", 'seed = 42\nweighting_scheme = "logit_normal"'),
+     "weighting_scheme"),
     ("missing model", lambda p: replace(base(p), '"' + _model(p) + '"', '"/nowhere/sd15.safetensors"'),
      "/nowhere/sd15.safetensors"),
     ("random file as model", random_file_model, "model.safetensors"),

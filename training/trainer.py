@@ -246,6 +246,9 @@ class TrainStep:
 
 
 def _check_supported(cfg: TrainingConfig) -> None:
+    from training.families import check_family_config
+
+    check_family_config(cfg, "SD 1.x/SDXL", builtin=True)  # refuses SD3/Z-Image keys it would ignore
     if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
         raise ConfigError("network_train_unet_only and network_train_text_encoder_only are both true; set one")
     if cfg.network_args:

@@ -11,7 +11,7 @@ from search.cli._common import setup_logging
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="run a real short study in the toy world: a LoRA learns a character the model never saw "
-                     "(CPU, about 3 minutes)",
+                     "(CPU, a few minutes)",
         description="Runs a real short study on the toy world's small pretrained Stable Diffusion model: a "
                     "constraint rejection, trials trained by the built-in trainer, every epoch scored by the "
                     "toy CLIP, export of the best trial, and which trial learned the held-out character.")
