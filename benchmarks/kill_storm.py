@@ -138,8 +138,13 @@ def finished(cfg: Path) -> bool:
     from search.study import open_study
     from search.worker import trained_count
 
+    from search.errors import StudyError
+
     settings = load_settings(cfg)
-    study = open_study(settings, create=False)
+    try:
+        study = open_study(settings, create=False)
+    except StudyError:  # killed before it created the study
+        return False
     pending = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
     return not pending and trained_count(study) >= settings.study.n_trials
 
