@@ -12,7 +12,8 @@ import torch
 from training.dit import DitConditioning, DitLoadError, SD3Family, ZImageFamily
 from training.dit_lora import DitLora
 from training.errors import ConfigError
-from training.families import UnsupportedModelError, detect_family, family
+from training.dit import family
+from training.families import UnsupportedModelError, detect_family
 from training.flow import FlowSettings, loss_weights, sample_sigmas
 from training.tiny_dit import build_tiny_sd3, build_tiny_zimage, save_tiny_sd3, save_tiny_zimage
 from dit_fixtures import one_torch_thread  # noqa: F401  (autouse)

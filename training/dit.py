@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from training.errors import LoraSearchError
-from training.families import ModelFamily, SamplingDefaults, detect_family
+from training.families import DIT_FAMILIES, ModelFamily, SamplingDefaults, UnsupportedModelError, detect_family
 from training.flow import FlowSettings, noisy_latents, sample_sigmas, velocity_target, weighted_mse
 from training.network import target_module_names
 
@@ -303,3 +303,11 @@ def store_base_in_fp8(model: Any, compute_dtype: torch.dtype = torch.bfloat16) -
 
 
 DIT_IMPLEMENTATIONS: dict[str, DitFamily] = {"sd3": SD3Family(), "zimage": ZImageFamily()}
+
+
+def family(name: str) -> ModelFamily:
+    """The implementation of a DiT family (``"sd3"`` or ``"zimage"``, as :func:`detect_family` names them)."""
+    if name not in DIT_IMPLEMENTATIONS:
+        raise UnsupportedModelError(f"model family {name!r} has no DiT implementation; use one of "
+                                    f"{', '.join(DIT_FAMILIES)} (SD 1.x and SDXL train through the UNet trainer)")
+    return DIT_IMPLEMENTATIONS[name]

@@ -162,16 +162,6 @@ class ModelFamily(ABC):
         """Steps and guidance for samples of the base model (``turbo``: its step-distilled variant)."""
 
 
-def family(name: str) -> ModelFamily:
-    """The implementation of a DiT family (``"sd3"`` or ``"zimage"``)."""
-    from training.dit import DIT_IMPLEMENTATIONS
-
-    if name not in DIT_IMPLEMENTATIONS:
-        raise UnsupportedModelError(f"model family {name!r} has no DiT implementation; use one of "
-                                    f"{', '.join(DIT_FAMILIES)} (SD 1.x and SDXL train through the UNet trainer)")
-    return DIT_IMPLEMENTATIONS[name]
-
-
 def check_family_config(cfg: Any, family_name: str, builtin: bool = True) -> None:
     """Refuse config keys that the model family (and the trainer: built-in or sd-scripts) would not use."""
     given = set(cfg.to_dict(include_defaults=False))
