@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.atomic import atomic_write_with
 from training.dit import DitFamily
 from training.errors import LoraSearchError
-from training.network import ADAPTER, model_hashes
+from training.network import ADAPTER, read_lora_file, write_lora_file
 
 
 class DitLora:
@@ -102,24 +101,11 @@ class DitLora:
 
     def save(self, path: str | Path, metadata: dict[str, str], dtype: Optional[torch.dtype] = None) -> Path:
         """Write the LoRA ``.safetensors`` file atomically, with kohya's ``ss_*`` metadata and hashes."""
-        from safetensors.torch import save_file
-
-        tensors = {k: v.contiguous().cpu() for k, v in self.file_state_dict(dtype).items()}
-        metadata = {**metadata, **model_hashes(tensors, metadata)}
-        return atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return write_lora_file(path, self.file_state_dict(dtype), metadata)
 
     def load(self, path: str | Path) -> None:
         """Load a LoRA file in this family's format (``network_weights``), at the strength it was saved with."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise LoraSearchError(f"network_weights {path}: no such file; check the path")
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for a torn file
-            raise LoraSearchError(f"network_weights {path}: not a readable safetensors file ({exc}); "
-                                  "check it") from None
+        tensors = read_lora_file(path)
         entries = self.family.read_file_state_dict(tensors)
         self._check_coverage(set(entries), str(path))
         with torch.no_grad():

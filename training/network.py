@@ -200,24 +200,33 @@ class LoraNetwork:
 
     def save(self, path: str | Path, metadata: dict[str, str], dtype: Optional[torch.dtype] = None) -> Path:
         """Write the kohya-format ``.safetensors`` file atomically."""
-        from safetensors.torch import save_file
-
-        tensors = {k: v.contiguous().cpu() for k, v in self.kohya_state_dict(dtype).items()}
-        metadata = {**metadata, **model_hashes(tensors, metadata)}
-        return atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return write_lora_file(path, self.kohya_state_dict(dtype), metadata)
 
     def load(self, path: str | Path) -> None:
         """Load a kohya-format LoRA file into the network (``network_weights``)."""
-        from safetensors.torch import load_file
+        self.load_kohya_state_dict(read_lora_file(path), str(path))
 
-        path = Path(path)
-        if not path.is_file():
-            raise LoraSearchError(f"network_weights {path}: no such file; check the path")
-        try:
-            state = load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for a torn file
-            raise LoraSearchError(f"network_weights {path}: not a readable safetensors file ({exc}); check it") from None
-        self.load_kohya_state_dict(state, str(path))
+
+def write_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write LoRA tensors as ``.safetensors`` atomically, with ``metadata`` and kohya's model hashes."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**metadata, **model_hashes(tensors, metadata)}
+    return atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the LoRA file ``network_weights`` names; a missing or torn file is one clear error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraSearchError(f"network_weights {path}: no such file; check the path")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a torn file
+        raise LoraSearchError(f"network_weights {path}: not a readable safetensors file ({exc}); check it") from None
 
 
 def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
