@@ -8,13 +8,14 @@ from search.settings import load_settings
 from search.space import load_search_space
 from search.trial_config import trial_values
 from study_fixtures import REPO
-from training.config import (FIELDS, config_from_dict, dumps_config, kohya_argument_names, kohya_sd3_argument_names,
+from training.config import (FIELDS, LORA_SEARCH_KEYS, config_from_dict, dumps_config, kohya_argument_names, kohya_sd3_argument_names,
                              load_training_config, write_config)
 from training.errors import ConfigError
 
 
 def test_every_config_field_is_a_train_network_argument():
-    assert set(FIELDS) <= kohya_argument_names() | kohya_sd3_argument_names()
+    assert set(FIELDS) - LORA_SEARCH_KEYS <= kohya_argument_names() | kohya_sd3_argument_names()
+    assert not LORA_SEARCH_KEYS & (kohya_argument_names() | kohya_sd3_argument_names())
     assert {"network_dim", "unet_lr", "min_snr_gamma", "sdpa"} <= kohya_argument_names()
 
 

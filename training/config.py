@@ -49,6 +49,9 @@ _KOHYA_ARGS_FILE = Path(__file__).with_name("kohya_args.txt")
 # The names sd-scripts' sd3_train_network.py adds to those (add_dit_training_arguments and
 # add_sd3_training_arguments); fields from this list are passed through to it by the kohya backend.
 _KOHYA_SD3_ARGS_FILE = Path(__file__).with_name("kohya_sd3_args.txt")
+# lora-search's own keys, for the SD3/Z-Image built-in trainer (sd-scripts has no such arguments; the kohya
+# backend refuses them, see training.families.check_family_config). Every other field is an sd-scripts name.
+LORA_SEARCH_KEYS = frozenset({"training_adapter", "turbo", "network_attention_only"})
 
 
 def _opt(default: Any, section: str, help: str) -> Any:
@@ -85,6 +88,10 @@ class TrainingConfig:
     enable_scaled_pos_embed: bool = _opt(False, "model", "SD3.5 Medium: scale position embeddings per resolution")
     disable_mmap_load_safetensors: bool = _opt(False, "model", "read safetensors without mmap (faster on WSL)")
     blocks_to_swap: Optional[int] = _opt(None, "model", "SD3: transformer blocks kept in CPU memory (sd-scripts)")
+    training_adapter: Optional[str] = _opt(None, "model", "Z-Image Turbo: LoRA file merged into the base for training "
+                                           "and removed while sampling (built-in trainer)")
+    turbo: bool = _opt(False, "model", "SD3.5/Z-Image Turbo (step-distilled): sample prompts without --s/--l take "
+                       "its few steps and no CFG (built-in trainer)")
 
     # network
     network_module: str = _opt("networks.lora", "network", "networks.lora, or networks.lora_sd3 for sd-scripts' "
@@ -96,6 +103,8 @@ class TrainingConfig:
     network_weights: Optional[str] = _opt(None, "network", "LoRA file to start from")
     network_train_unet_only: bool = _opt(False, "network", "train the UNet LoRA only")
     network_train_text_encoder_only: bool = _opt(False, "network", "train the text-encoder LoRA only")
+    network_attention_only: bool = _opt(False, "network", "SD3/Z-Image: LoRA on the blocks' attention projections "
+                                        "only, not every Linear (built-in trainer)")
 
     # optimizer and schedule
     optimizer_type: str = _opt("AdamW", "optimizer", "one of " + ", ".join(OPTIMIZERS))
@@ -188,11 +197,12 @@ class TrainingConfig:
     def to_dict(self, include_defaults: bool = True) -> dict[str, Any]:
         """The config as flat kohya keys; ``None`` values are left out (TOML has no null).
 
-        Keys only ``sd3_train_network.py`` knows are left out at their default even with
-        ``include_defaults``: ``train_network.py`` refuses them, and the default means the same.
+        Keys only ``sd3_train_network.py`` knows, and lora-search's own (:data:`LORA_SEARCH_KEYS`), are left
+        out at their default even with ``include_defaults``: ``train_network.py`` refuses them, and the
+        default means the same.
         """
         out = {}
-        sd3_only = kohya_sd3_argument_names()
+        sd3_only = kohya_sd3_argument_names() | LORA_SEARCH_KEYS
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:

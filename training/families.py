@@ -42,6 +42,10 @@ SD3_KEYS = ("clip_l", "clip_g", "t5xxl", "t5xxl_max_token_length", "apply_lg_att
             "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
             "enable_scaled_pos_embed", "blocks_to_swap", "disable_mmap_load_safetensors")
 BUILTIN_SD3_KEYS = ("t5xxl_max_token_length",)
+# lora-search's own keys for the DiT families (built-in trainer only; not sd-scripts names).
+BUILTIN_DIT_KEYS = ("training_adapter", "turbo", "network_attention_only")
+# UNet-only options the flow-matching loss has no use for: refused on a DiT rather than ignored.
+UNET_ONLY_KEYS = ("v2", "v_parameterization", "clip_skip", "max_token_length", "min_snr_gamma", "noise_offset")
 
 
 class UnsupportedModelError(LoraSearchError):
@@ -170,11 +174,11 @@ def check_family_config(cfg: Any, family_name: str, builtin: bool = True) -> Non
     elif builtin:
         _check_builtin_dit(cfg, family_name, given)
     else:
-        _check_kohya_dit(cfg, family_name)
+        _check_kohya_dit(cfg, family_name, given)
 
 
 def _check_unet(cfg: Any, family_name: str, given: set[str], builtin: bool) -> None:
-    stray = [key for key in FLOW_KEYS + SD3_KEYS if key in given]
+    stray = [key for key in FLOW_KEYS + SD3_KEYS + BUILTIN_DIT_KEYS if key in given]
     if stray:
         raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {family_name} model")
     if cfg.network_module != "networks.lora":
@@ -185,6 +189,9 @@ def _check_unet(cfg: Any, family_name: str, given: set[str], builtin: bool) -> N
 
 
 def _check_builtin_dit(cfg: Any, family_name: str, given: set[str]) -> None:
+    _check_dit_common(cfg, family_name, given)
+    if cfg.training_adapter and family_name != "zimage":
+        raise ConfigError(f"training_adapter is for Z-Image Turbo; remove it for this {family_name} model")
     if family_name == "zimage":
         stray = [key for key in SD3_KEYS if key in given]
         if stray or cfg.network_module != "networks.lora":
@@ -196,7 +203,22 @@ def _check_builtin_dit(cfg: Any, family_name: str, given: set[str]) -> None:
                           "takes the model from the diffusers folder: remove it or use the kohya backend")
 
 
-def _check_kohya_dit(cfg: Any, family_name: str) -> None:
+def _check_dit_common(cfg: Any, family_name: str, given: set[str]) -> None:
+    """Options of SD 1.x/SDXL training that a DiT run would silently ignore, and text-encoder training."""
+    stray = [key for key in UNET_ONLY_KEYS if key in given and getattr(cfg, key)]
+    if stray:
+        raise ConfigError(f"{stray[0]} applies to SD 1.x/SDXL (UNet) models only; remove it for this "
+                          f"{family_name} model")
+    if cfg.network_train_text_encoder_only or cfg.text_encoder_lr:
+        what = "network_train_text_encoder_only" if cfg.network_train_text_encoder_only else "text_encoder_lr"
+        raise ConfigError(f"{what}: the built-in trainer does not train the {family_name} text encoders (their "
+                          "outputs are cached); remove it")
+
+
+def _check_kohya_dit(cfg: Any, family_name: str, given: set[str]) -> None:
+    stray = [key for key in BUILTIN_DIT_KEYS if key in given]
+    if stray:
+        raise ConfigError(f"{stray[0]} is read by the built-in trainer only; remove it or use the built-in backend")
     if family_name == "zimage":
         raise ConfigError("Z-Image is not in sd-scripts (kohya's musubi-tuner trains it with its own dataset "
                           "config); use the built-in trainer")
