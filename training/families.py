@@ -76,6 +76,16 @@ def detect_family(folder: str | Path) -> str:
     return FAMILIES[name]
 
 
+def dit_family_of(model: str | Path | None) -> str | None:
+    """``"sd3"`` or ``"zimage"`` when ``model`` is a diffusers folder of a DiT family; None for an SD 1.x/SDXL
+    folder or checkpoint file (and for a path that is not there: loading it says so). An unknown pipeline
+    class is refused."""
+    if not model or not (Path(model).expanduser() / "model_index.json").is_file():
+        return None
+    name = detect_family(Path(model).expanduser())
+    return name if name in DIT_FAMILIES else None
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """How samples are made when the prompt line does not say (``--s`` steps, ``--l`` guidance)."""

@@ -72,10 +72,11 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 
-def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
-    """Parse one prompt line; ``where`` ("file:line") prefixes any error."""
+def parse_prompt_line(line: str, index: int, where: str, defaults: Optional[dict[str, Any]] = None) -> SamplePrompt:
+    """Parse one prompt line; ``where`` ("file:line") prefixes any error. ``defaults`` (SamplePrompt fields,
+    e.g. a model family's ``steps`` and ``scale``) replace the kohya defaults for options the line omits."""
     text, *options = (" " + line).split(" --")  # the leading space lets a line start with an option
-    sample = SamplePrompt(index=index, prompt=text.strip())
+    sample = SamplePrompt(index=index, prompt=text.strip(), **(defaults or {}))
     for option in options:
         name, _, value = option.strip().partition(" ")
         key = name.lower()
@@ -98,8 +99,9 @@ def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
     return sample
 
 
-def load_prompt_file(path: str | Path, trigger: Optional[str]) -> list[SamplePrompt]:
-    """Read a kohya prompt file, replacing ``{trigger}`` with ``trigger``."""
+def load_prompt_file(path: str | Path, trigger: Optional[str],
+                     defaults: Optional[dict[str, Any]] = None) -> list[SamplePrompt]:
+    """Read a kohya prompt file, replacing ``{trigger}`` with ``trigger`` (``defaults``: see :func:`parse_prompt_line`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sample prompt file {path} not found; check sample_prompts in the config")
@@ -118,7 +120,7 @@ def load_prompt_file(path: str | Path, trigger: Optional[str]) -> list[SamplePro
                 raise ConfigError(f"{where}: the prompt uses {TRIGGER_PLACEHOLDER} but no trigger is given; "
                                   "set metadata_trigger_phrase in the training config")
             line = line.replace(TRIGGER_PLACEHOLDER, trigger)
-        prompts.append(parse_prompt_line(line, len(prompts), where))
+        prompts.append(parse_prompt_line(line, len(prompts), where, defaults))
     if not prompts:
         raise ConfigError(f"sample prompt file {path} has no prompts; add one prompt per line")
     return prompts

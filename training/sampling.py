@@ -77,21 +77,34 @@ def make_scheduler(name: str, base_config: dict) -> Any:
 
 
 def load_prompts(cfg: TrainingConfig) -> list:
-    """The config's sample prompts with ``{trigger}`` replaced by ``metadata_trigger_phrase``."""
+    """The config's sample prompts with ``{trigger}`` replaced by ``metadata_trigger_phrase``.
+
+    For an SD3/Z-Image model, a line without ``--s``/``--l`` takes the family's steps and CFG scale
+    (``turbo = true``: the step-distilled model's few steps without CFG), not kohya's 30 steps at 7.5.
+    """
+    from training.families import dit_family_of
     from training.prompts import load_prompt_file
 
-    return load_prompt_file(cfg.sample_prompts, cfg.metadata_trigger_phrase)
+    defaults = None
+    name = dit_family_of(cfg.pretrained_model_name_or_path)
+    if name is not None:
+        from training.dit import family
+
+        sampling = family(name).sampling_defaults(cfg.turbo)
+        defaults = {"steps": sampling.steps, "scale": sampling.cfg_scale}
+    return load_prompt_file(cfg.sample_prompts, cfg.metadata_trigger_phrase, defaults)
 
 
 def write_prompts_json(cfg: TrainingConfig, prompts: list) -> Path:
     """Write ``sample/prompts.json`` atomically."""
     keys = ("index", "prompt", "negative_prompt", "width", "height", "seed", "steps", "scale")
     data = {"trigger": cfg.metadata_trigger_phrase,
-            "prompts": [{k: getattr(p, k) for k in keys} | {"seed": _seed(cfg, p)} for p in prompts]}
+            "prompts": [{k: getattr(p, k) for k in keys} | {"seed": prompt_seed(cfg, p)} for p in prompts]}
     return atomic_write_text(sample_dir(cfg) / "prompts.json", json.dumps(data, indent=1))
 
 
-def _seed(cfg: TrainingConfig, prompt: Any) -> int:
+def prompt_seed(cfg: TrainingConfig, prompt: Any) -> int:
+    """The seed prompt ``prompt`` samples with."""
     # A prompt without --d gets a fixed seed per prompt so every epoch's image is comparable.
     return prompt.seed if prompt.seed is not None else (cfg.seed or 0) + 1000 + prompt.index
 
@@ -153,7 +166,7 @@ def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.de
 
 def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, path: Path, device: torch.device,
                   models: Any) -> Path:
-    generator = torch.Generator(device=device.type).manual_seed(_seed(cfg, prompt))
+    generator = torch.Generator(device=device.type).manual_seed(prompt_seed(cfg, prompt))
     image = pipe(**prompt_inputs(cfg, models, pipe, prompt, device), width=prompt.width, height=prompt.height,
                  num_inference_steps=prompt.steps, guidance_scale=prompt.scale, generator=generator).images[0]
     return atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -182,13 +182,13 @@ def seed_everything(seed: int) -> None:
 # --- set-up --------------------------------------------------------------------------------------------
 
 def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) -> _Run:
-    _check_supported(cfg)
+    dit = _check_supported(cfg)
     if cfg.sample_prompts:
         load_prompts(cfg)  # a bad prompt file fails now, not after the first epoch
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     seed_everything(seed)
     dataset = TrainDataset.from_config(cfg)
-    run = _build_run(cfg, out, load_models(cfg), dataset, seed, pick_device())
+    run = _build_run(cfg, out, _load_models(cfg, dit), dataset, seed, pick_device())
     _plan_steps(run)
     _cache_latents(run, latent_cache_dir)
     _build_optimization(run)
@@ -196,11 +196,26 @@ def _setup(cfg: TrainingConfig, out: Path, latent_cache_dir: str | Path | None) 
     return run
 
 
+def _load_models(cfg: TrainingConfig, dit: Optional[str]) -> Any:
+    """SD 1.x/SDXL ``SDModels``, or a DiT family's ``DitModels`` (see :mod:`training.dit_run`)."""
+    if dit is None:
+        return load_models(cfg)
+    from training.dit_run import load_dit_models
+
+    return load_dit_models(cfg, dit, MIXED_PRECISION_DTYPES[cfg.mixed_precision])
+
+
+def _is_dit(run: _Run) -> bool:
+    """The run trains an SD3/Z-Image transformer (rectified flow), not an SD 1.x/SDXL UNet."""
+    return run.noise_scheduler is None
+
+
 def _build_run(cfg: TrainingConfig, out: Path, models: Any, dataset: Any, seed: int, device: torch.device) -> _Run:
     """The run's LoRA network on ``models``, placed on ``device`` (no steps planned, no optimizer yet)."""
+    dit = hasattr(models, "transformer")
     run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
                seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
-               noise_scheduler=_noise_scheduler(cfg))
+               noise_scheduler=None if dit else _noise_scheduler(cfg))
     _place_models(run)
     return run
 
@@ -216,7 +231,8 @@ class TrainStep:
 
     def __init__(self, cfg: TrainingConfig, models: Any, captions: Iterable[str] = (),
                  device: Optional[torch.device] = None) -> None:
-        _check_supported(cfg)
+        if _check_supported(cfg) is not None:
+            raise ConfigError("TrainStep measures the SD 1.x/SDXL UNet step; give it an SD 1.x/SDXL model")
         self.run = _build_run(cfg, Path(cfg.output_dir or "."), models, None, cfg.seed or 0, device or pick_device())
         steps = cfg.max_train_steps or 10**6
         self.run.steps_per_epoch, self.run.epochs, self.run.total_steps = steps, 1, steps
@@ -245,10 +261,12 @@ class TrainStep:
         _release(self.run)
 
 
-def _check_supported(cfg: TrainingConfig) -> None:
-    from training.families import check_family_config
+def _check_supported(cfg: TrainingConfig) -> Optional[str]:
+    """Refuse what the built-in trainer cannot do with ``cfg``; returns the DiT family (None: SD 1.x/SDXL)."""
+    from training.families import check_family_config, dit_family_of
 
-    check_family_config(cfg, "SD 1.x/SDXL", builtin=True)  # refuses SD3/Z-Image keys it would ignore
+    dit = dit_family_of(cfg.pretrained_model_name_or_path)
+    check_family_config(cfg, dit or "SD 1.x/SDXL", builtin=True)  # refuses keys the family would ignore
     if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
         raise ConfigError("network_train_unet_only and network_train_text_encoder_only are both true; set one")
     if cfg.network_args:
@@ -259,11 +277,24 @@ def _check_supported(cfg: TrainingConfig) -> None:
                           '"fp16" alone, or "bf16" with full_bf16')
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError('mixed_precision = "fp16" needs a CUDA GPU; use "bf16" or "no" on this machine')
+    if dit is not None and (cfg.fp8_base or cfg.fp8_base_unet) and cfg.mixed_precision == "no":
+        raise ConfigError('fp8_base: weights stored in fp8 compute in bf16 or fp16; set mixed_precision = "bf16"')
+    if dit is not None and cfg.torch_compile:
+        raise ConfigError(f"torch_compile = true: the built-in trainer runs the {dit} transformer uncompiled; "
+                          "remove it")
+    return dit
 
 
 def _build_network(cfg: TrainingConfig, models: Any) -> Any:
     from training.network import LoraNetwork
 
+    if hasattr(models, "transformer"):
+        from training.dit_run import build_dit_network
+
+        network = build_dit_network(cfg, models)
+        log.info("LoRA modules: %d in the %s transformer%s", len(network.targets), models.family.name,
+                 " (attention only)" if cfg.network_attention_only else "")
+        return network
     network = LoraNetwork(
         models.unet, models.text_encoders, dim=cfg.network_dim, alpha=cfg.network_alpha,
         dropout=cfg.network_dropout, train_unet=not cfg.network_train_text_encoder_only,
@@ -289,6 +320,11 @@ def _place_models(run: _Run) -> None:
     weight_dtype = run.autocast_dtype or torch.float32
     lora_dtype = weight_dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
     vae_dtype = torch.float32 if (cfg.no_half_vae or run.autocast_dtype is None) else weight_dtype
+    if _is_dit(run):
+        from training.dit_run import place_dit_models
+
+        run.offloaded += place_dit_models(models, run.device, weight_dtype, vae_dtype, cfg.gradient_checkpointing)
+        return
     if next(models.vae.parameters()).dtype != vae_dtype:
         models.vae.to(dtype=vae_dtype)
     models.vae.to(run.device).requires_grad_(False).eval()
@@ -349,6 +385,9 @@ def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
     """
     cfg, cuda = run.cfg, run.device.type == "cuda"
     plain = fast.eager_forced()
+    if _is_dit(run):
+        _setup_dit_fast(run, captions)
+        return
     if cuda:
         fast.configure_cuda()
         if not plain:
@@ -375,6 +414,28 @@ def _setup_fast(run: _Run, captions: Optional[set[str]] = None) -> None:
     if cuda and run.offloaded:
         for module in run.offloaded:
             module.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def _setup_dit_fast(run: _Run, captions: Optional[set[str]]) -> None:
+    """A DiT step runs uncompiled; fixed captions are encoded once, the VAE waits on the CPU with cached latents."""
+    if run.device.type == "cuda":
+        fast.configure_cuda()
+    if captions is None and run.dataset is not None:
+        captions = run.dataset.caption_set()
+    if captions is not None:
+        from training.dit_run import DitCaptionCache
+
+        run.captions = DitCaptionCache(run.models, captions, run.device, run.autocast_dtype)
+        log.info("text embeddings of %d captions cached; the text encoders wait on the CPU", len(run.captions))
+    else:
+        log.info("shuffled captions are encoded every step: the text encoders stay on %s", run.device)
+        for encoder in run.offloaded:
+            encoder.to(run.device)
+        run.offloaded = []
+    if run.latents is not None and run.device.type == "cuda":
+        run.models.vae.to("cpu")
+        run.offloaded.append(run.models.vae)
         torch.cuda.empty_cache()
 
 
@@ -429,7 +490,12 @@ def _vae_key(run: _Run) -> str:
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return f"{digest.hexdigest()}|{next(vae.parameters()).dtype}|{vae.config.scaling_factor}"
+    return f"{digest.hexdigest()}|{next(vae.parameters()).dtype}|{vae.config.scaling_factor}|{_shift(vae)}"
+
+
+def _shift(vae: Any) -> float:
+    """The VAE's latent shift (SD3 and Flux VAEs: latents are ``(z - shift) * scale``; SD VAEs have none)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def _encoder(run: _Run, seeded: bool = False, to_cpu: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -439,7 +505,8 @@ def _encoder(run: _Run, seeded: bool = False, to_cpu: bool = True) -> Callable[[
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(run.device.type).manual_seed(0) if seeded else None
         pixels = to_device(pixels, run.device).to(next(vae.parameters()).dtype)
-        latents = (vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()
+        raw = vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = ((raw - _shift(vae)) * vae.config.scaling_factor).float()
         return latents.cpu() if to_cpu else latents
 
     return encode
@@ -592,8 +659,7 @@ def _after_step(run: _Run, epoch: int, batches_done: int) -> None:
         _save_checkpoint(run, epoch - 1, run.out / f"{_name(cfg)}-step{step:08d}.safetensors")
         _save_state(run, epoch - 1, batch=batches_done)
     if cfg.sample_prompts and _due(step, cfg.sample_every_n_steps):
-        with fast.models_on(run.offloaded, run.device):
-            sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype, step=step)
+        _sample(run, epoch, step)
 
 
 def _progress(run: _Run, epoch: int) -> Any:
@@ -708,6 +774,13 @@ def _loss(run: _Run, batch: Any) -> torch.Tensor:
         latents = to_device(batch.latents, run.device)
     else:
         latents = _encoder(run, to_cpu=False)(batch.pixels)
+    # Always a tensor, so that padded and full batches of a bucket run one compiled graph.
+    weights = (to_device(batch.weights, run.device) if batch.weights is not None
+               else torch.ones(latents.shape[0], device=run.device))
+    if _is_dit(run):  # rectified flow: the family draws noise and sigma, and knows its model's call
+        from training.dit_run import dit_loss
+
+        return dit_loss(run.models, latents, _conditioning(run, batch), weights, run.device, run.autocast_dtype)
     noise = torch.randn_like(latents)
     if cfg.noise_offset:
         noise = apply_noise_offset(noise, cfg.noise_offset)
@@ -715,9 +788,6 @@ def _loss(run: _Run, batch: Any) -> torch.Tensor:
     noisy = sched.add_noise(latents, noise, timesteps)
     hidden, added = _conditioning(run, batch)
     target = sched.get_velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
-    # Always a tensor, so that padded and full batches of a bucket run one compiled graph.
-    weights = (to_device(batch.weights, run.device) if batch.weights is not None
-               else torch.ones(latents.shape[0], device=run.device))
     if cfg.min_snr_gamma:
         weights = weights * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, cfg.v_parameterization)
     return run.unet_loss(noisy, timesteps, hidden, added, target, weights)
@@ -727,6 +797,9 @@ def _conditioning(run: _Run, batch: Any) -> tuple[torch.Tensor, Optional[dict]]:
     """The batch's text conditioning: from the caption cache, else from the text encoder(s)."""
     if run.captions is not None:
         return run.captions.lookup(batch.captions, batch)
+    if _is_dit(run):  # shuffled captions: the frozen text encoders run every step
+        with torch.no_grad(), autocast(run.device, run.autocast_dtype):
+            return run.models.family.encode_captions(run.models.pipe, batch.captions, run.device)
     cfg = run.cfg
     # A frozen text encoder needs no activation memory.
     with autocast(run.device, run.autocast_dtype), torch.set_grad_enabled(_trains_text_encoder(run)):
@@ -779,10 +852,18 @@ def _end_epoch(run: _Run, epoch: int, losses: Optional[list[float]] = None) -> E
         _save_state(run, epoch)
     samples = []
     if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-        with fast.models_on(run.offloaded, run.device):
-            samples = sample_images(cfg, run.models, epoch, run.device, run.autocast_dtype)
+        samples = _sample(run, epoch)
     return EpochEnd(epoch=epoch, global_step=run.global_step, checkpoint=checkpoint, samples=samples, run_dir=run.out,
                     losses=list(losses or []))
+
+
+def _sample(run: _Run, epoch: int, step: Optional[int] = None) -> list[Path]:
+    """Sample images with the LoRA as it is now (offloaded models on the device meanwhile)."""
+    sample = sample_images
+    if _is_dit(run):
+        from training.dit_run import sample_dit_images as sample
+    with fast.models_on(run.offloaded, run.device):
+        return sample(run.cfg, run.models, epoch, run.device, run.autocast_dtype, step=step)
 
 
 def _name(cfg: TrainingConfig) -> str:
@@ -842,7 +923,19 @@ def kohya_metadata(run: _Run, epoch: int) -> dict[str, str]:
         "ss_training_comment": cfg.training_comment,
     }
     meta = {k: str(v) for k, v in values.items() if v is not None}
-    return meta | _modelspec(cfg, models.is_sdxl, resolution)
+    if _is_dit(run):
+        meta |= run.models.family.metadata(run.models.transformer)
+        if run.models.adapter is not None:
+            meta["ss_training_adapter"] = Path(cfg.training_adapter).name
+    return meta | _modelspec(cfg, _architecture(run), resolution)
+
+
+def _architecture(run: _Run) -> str:
+    """The model's ``modelspec.architecture`` stem (sd-scripts' names for SD 1.x, SDXL and SD3/3.5)."""
+    if not _is_dit(run):
+        return "stable-diffusion-xl-v1-base" if run.models.is_sdxl else "stable-diffusion-v1"
+    return {"medium": "stable-diffusion-v3-medium", "5-medium": "stable-diffusion-v3.5-medium",
+            "5-large": "stable-diffusion-v3.5-large"}.get(run.models.base_model_version, "z-image")
 
 
 def _optimizer_label(cfg: TrainingConfig) -> str:
@@ -853,15 +946,19 @@ def _optimizer_label(cfg: TrainingConfig) -> str:
     return label + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else "")
 
 
-def _modelspec(cfg: TrainingConfig, is_sdxl: bool, resolution: tuple[int, int]) -> dict[str, str]:
+def _modelspec(cfg: TrainingConfig, architecture: str, resolution: tuple[int, int]) -> dict[str, str]:
+    implementation = {"stable-diffusion-xl-v1-base": "https://github.com/Stability-AI/generative-models",
+                      "stable-diffusion-v1": "diffusers", "z-image": "diffusers"}
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if is_sdxl else "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if is_sdxl else "diffusers",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation.get(architecture, "https://github.com/Stability-AI/SD3.5"),
         "modelspec.title": _name(cfg), "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.prediction_type": "v" if cfg.v_parameterization else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if not architecture.startswith("stable-diffusion-v1") and not architecture.startswith("stable-diffusion-xl"):
+        del spec["modelspec.prediction_type"]  # a flow model predicts neither
     if cfg.metadata_trigger_phrase:
         spec["modelspec.trigger_phrase"] = cfg.metadata_trigger_phrase
     return spec
