@@ -85,6 +85,14 @@ def test_deturbo_preset_on_the_sd15_base_only_sets_lr_and_epochs():
     assert changed == {"learning_rate", "unet_lr", "max_train_epochs"}
 
 
+@pytest.mark.parametrize("preset", ["character", "style", "concept"])
+def test_sd15_presets_on_the_dit_base_are_refused_in_one_line(preset):
+    cfg = config_from_dict(load_config_values(DIT_BASE, preset), preset)
+    for family in DIT_FAMILIES:
+        with pytest.raises(ConfigError, match=r"^(min_snr_gamma|text_encoder_lr)\b.*remove it"):
+            check_family_config(cfg, family, builtin=True)
+
+
 def test_dit_space_loads_strictly_with_only_keys_a_dit_uses():
     space = load_search_space(DIT_SPACE)
     names = set(space.distributions) | set(space.fixed)
