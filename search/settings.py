@@ -30,7 +30,7 @@ class StudySection:
     direction: str = "maximize"
     runs_dir: str = "runs"
     base_config: str = "configs/base.toml"
-    preset: str = ""  # character | style | concept (configs/presets/) laid over base_config; empty: none
+    preset: str = ""  # configs/presets/ name (character, style, concept, turbo, deturbo) over base_config; "": none
     search_space: str = "configs/search_space.toml"
     evaluator_config: str = "configs/evaluator.toml"
     heartbeat_interval: int = 60  # seconds; RDB storages only

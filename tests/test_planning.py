@@ -168,7 +168,7 @@ def test_plan_cli_auto_steps_writes_a_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--preset", "portrait"], "unknown preset 'portrait'; available presets: character, concept, style"),
+    (["--preset", "portrait"], "unknown preset 'portrait'; available presets: character, concept, deturbo, style, turbo"),
     ([], "no training images found"),
 ])
 def test_plan_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, message):

@@ -17,8 +17,9 @@ def base_values() -> dict:
     return flatten_sections(read_toml(BASE), str(BASE))
 
 
-def test_the_three_presets_ship():
-    assert available_presets() == ["character", "concept", "style"]
+def test_the_presets_ship():
+    # deturbo and turbo are for SD 3.5 / Z-Image (tests/test_dit_configs.py)
+    assert available_presets() == ["character", "concept", "deturbo", "style", "turbo"]
 
 
 @pytest.mark.parametrize("name", ["character", "style", "concept"])
@@ -30,7 +31,7 @@ def test_preset_on_base_is_a_valid_safe_config(name):
         assert getattr(cfg, key) == value  # the preset wins over the base
 
 
-@pytest.mark.parametrize("name", ["character", "style", "concept"])
+@pytest.mark.parametrize("name", available_presets())
 def test_every_preset_key_has_a_one_line_rationale(name):
     for line in (PRESET_DIR / f"{name}.toml").read_text(encoding="utf-8").splitlines():
         if re.match(r"^\s*\w+\s*=", line):
@@ -53,7 +54,7 @@ def test_apply_preset_leaves_the_input_alone():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError) as info:
         apply_preset({}, "portrait")
-    assert str(info.value) == "unknown preset 'portrait'; available presets: character, concept, style"
+    assert str(info.value) == "unknown preset 'portrait'; available presets: character, concept, deturbo, style, turbo"
 
 
 def test_user_preset_file_is_checked_strictly(tmp_path):
@@ -66,3 +67,15 @@ def test_user_preset_file_is_checked_strictly(tmp_path):
         apply_preset({}, str(bad))
     with pytest.raises(ConfigError, match="preset file .*nope.toml not found"):
         apply_preset({}, str(tmp_path / "nope.toml"))
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_preset_help_lists_every_shipped_preset(command):
+    import argparse
+
+    from search.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    option = next(a for a in subparsers.choices[command]._actions if "--preset" in a.option_strings)
+    for name in available_presets():
+        assert re.search(rf"\b{name}\b", option.help), f"lora-search {command} --help does not offer {name}"

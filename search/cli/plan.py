@@ -12,7 +12,7 @@ from training.config import config_from_dict, flatten_sections, read_toml, write
 from training.planning import (DEFAULT_EPOCH_CHOICES, STEPS_PER_IMAGE_RANGE, apply_auto_steps, auto_steps,
                                budget_warning, config_budget, dataset_report, epoch_budgets, format_budget,
                                format_dataset_report)
-from training.presets import apply_preset
+from training.presets import apply_preset, available_presets
 from training.vram import ARCHS, estimate_vram, vram_line
 
 DEFAULT_CONFIG = Path("configs/base.toml")
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--config", metavar="BASE.toml", default=None,
                         help=f"training config (default: {DEFAULT_CONFIG} when it exists)")
     parser.add_argument("--preset", metavar="NAME", default=None,
-                        help="preset overlay from configs/presets (character, style, concept) or a .toml file")
+                        help=f"preset overlay from configs/presets ({', '.join(available_presets())}) or a .toml file")
     parser.add_argument("--auto-steps", action="store_true",
                         help="40 steps per image clamped to 500..3500, checkpoints every 100/250/500 steps")
     parser.add_argument("--search-space", metavar="SPACE.toml", default=None,

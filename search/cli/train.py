@@ -9,8 +9,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train one LoRA from a kohya-style TOML config",
                                    description="Train one LoRA from a kohya-style TOML config.")
     parser.add_argument("config", help="training config (.toml, sd-scripts key names)")
+    from training.presets import available_presets
+
     parser.add_argument("--preset", metavar="NAME", default=None,
-                        help="character, style or concept (configs/presets/), or a preset .toml, laid over the config")
+                        help=f"{', '.join(available_presets())} (configs/presets/), or a preset .toml, laid over "
+                             "the config")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete training state in output_dir")
     parser.set_defaults(func=run)
