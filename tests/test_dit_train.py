@@ -165,6 +165,20 @@ def test_an_interrupted_run_resumes_to_the_same_weights(name, dit_dirs, dataset,
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_samples_regenerated_from_a_checkpoint_match_the_training_samples(name, dit_dirs, dataset, tmp_path):
+    from training.sampling import generate_samples
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ohwx cat --w 64 --h 64 --s 2 --l 3\n")
+    cfg = dit_config(dit_dirs[name], dataset, tmp_path / "run", prompts, max_train_epochs=1)
+    result = train(cfg)
+    again = config_from_dict(cfg.to_dict() | {"output_dir": str(tmp_path / "again")})
+    [path] = generate_samples(again, result.checkpoint, epoch=1)
+    first = torch.tensor(list(Image.open(tmp_path / "run" / "sample" / path.name).getdata()), dtype=torch.float)
+    assert (first - torch.tensor(list(Image.open(path).getdata()), dtype=torch.float)).abs().max() <= 2
+
+
 def test_prompts_without_steps_take_the_familys_defaults_and_turbo_its_few_steps(dit_dirs, dataset, tmp_path):
     from training.sampling import load_prompts
 

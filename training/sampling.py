@@ -222,6 +222,18 @@ def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int,
     if not lora_path.is_file():
         raise LoraSearchError(f"LoRA checkpoint {lora_path} not found; check the path")
     device = pick_device()
+    from training.families import dit_family_of
+
+    dit = dit_family_of(cfg.pretrained_model_name_or_path)
+    if dit is not None:  # SD3/Z-Image: the model without a training adapter is the one the LoRA is for
+        from training.dit import family
+        from training.dit_run import DitModels, sample_dit_images
+
+        fam = family(dit).for_config(cfg)
+        models = DitModels(family=fam, pipe=fam.load(cfg.pretrained_model_name_or_path), source=cfg.pretrained_model_name_or_path)
+        models.pipe.load_lora_weights(str(lora_path))
+        models.pipe.to(device)
+        return sample_dit_images(cfg, models, epoch, device, step=step)
     models = load_models(cfg)
     pipe = build_pipeline(models, make_scheduler(cfg.sample_sampler, models.scheduler_config))
     pipe.load_lora_weights(str(lora_path))
