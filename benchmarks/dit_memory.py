@@ -67,8 +67,10 @@ def optimizer_for(name: str, params: list):
 
 
 def run(arch: str, resolution: int, batch: int, dim: int, optimizer: str, checkpointing: bool, fp8: bool,
-        steps: int, device: torch.device, smoke: bool) -> float:
-    """Peak allocated GiB over ``steps`` training steps (0 on the CPU)."""
+        steps: int, device: torch.device, smoke: bool) -> tuple[float, float]:
+    """Peak allocated GiB over ``steps`` training steps (0 on the CPU), and seconds per step after the first."""
+    import time
+
     fam, model = build(arch, device, smoke)
     if fp8:
         store_base_in_fp8(model, torch.bfloat16)
@@ -81,7 +83,12 @@ def run(arch: str, resolution: int, batch: int, dim: int, optimizer: str, checkp
     dtype = torch.bfloat16 if fp8 or not smoke else torch.float32
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
+    started = None
+    for step in range(steps):
+        if step == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
         latents = torch.randn(batch, 16, side, side, device=device)
         noise = torch.randn_like(latents)
         sigmas = fam.sample_noise_levels(batch, device)
@@ -92,11 +99,14 @@ def run(arch: str, resolution: int, batch: int, dim: int, optimizer: str, checkp
         fam.loss(prediction, target, sigmas).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.perf_counter() - started) / (steps - 1) if started is not None else float("nan")
     peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else 0.0
     del model, lora, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return peak
+    return peak, per_step
 
 
 def main(argv=None) -> int:
@@ -116,16 +126,17 @@ def main(argv=None) -> int:
     checkpointing = {"on": (True,), "off": (False,), "both": (False, True)}[args.checkpointing]
     grid = itertools.product(archs, [int(r) for r in args.resolutions.split(",")],
                              [int(b) for b in args.batches.split(",")], checkpointing)
-    print("arch    res batch gc  measured GiB  estimate GiB")
+    print("arch    res batch gc  measured GiB  estimate GiB  s/step")
     for arch, resolution, batch, gc in grid:
-        measured = run(arch, resolution, batch, args.dim, args.optimizer, gc, args.fp8_base, args.steps, device,
+        measured, per_step = run(arch, resolution, batch, args.dim, args.optimizer, gc, args.fp8_base, args.steps, device,
                        args.smoke)
         cfg = TrainingConfig(resolution=str(resolution), train_batch_size=batch, network_dim=args.dim,
                              network_alpha=args.dim, optimizer_type=args.optimizer, mixed_precision="bf16",
                              gradient_checkpointing=gc, fp8_base=args.fp8_base, network_train_unet_only=True,
                              cache_latents=True)
         estimate = estimate_vram(cfg, arch).total_gib
-        print(f"{arch:6} {resolution:5} {batch:5} {'on' if gc else 'off':3} {measured:12.2f} {estimate:13.2f}")
+        print(f"{arch:6} {resolution:5} {batch:5} {'on' if gc else 'off':3} {measured:12.2f} {estimate:13.2f} "
+              f"{per_step:7.3f}")
         if measured:
             print(f'    CalibrationPoint("{arch}", {resolution}, {batch}, {args.dim}, "{args.optimizer}", {gc}, '
                   f'{measured:.1f}, "{torch.cuda.get_device_name()}, random-weight transformer, bf16'

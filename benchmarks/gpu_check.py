@@ -14,6 +14,9 @@ again after each one, so a section that runs out of time or fails leaves the oth
    epoch's loss (finite?), compile and training seconds, whether it fell back, the files, and how far the
    resumed final weights are from the straight run's.
 3. ``sdxl_step``: ``train_step.py --arch sdxl --batches 1`` (reference and trainer).
+4. ``dit_step``: ``benchmarks/dit_memory.py --fp8-base --checkpointing on``: SD3.5 Large and Z-Image
+   (random-weight transformers of the real size, fp8 base, bf16, rank 32, AdamW8bit, 1024 px, batch 1):
+   peak memory against the VRAM estimate, and seconds per step.
 
 ``targets`` compares the figures with issue 6's: the trainer at least 6x the reference's images/s for SD
 1.5 at batch 1 and 4, at least 35% MFU at batch 4, SDXL at least 3x at batch 1.
@@ -43,7 +46,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 BUDGET_S = 510  # the script's own limit; gpu_check.sh passes what is left of 9 minutes after installing, less 30 s
 TARGETS = {"sd15_b1_speedup": 6.0, "sd15_b4_speedup": 6.0, "sd15_b4_mfu": 0.35, "sdxl_b1_speedup": 3.0}
 # The least time a section needs to be worth starting (a bare machine compiles every shape once).
-MIN_SECONDS = {"sd15_step": 60, "train": 90, "sdxl_step": 90}
+MIN_SECONDS = {"sd15_step": 60, "train": 90, "sdxl_step": 90, "dit_step": 90}
+DIT_ROW = re.compile(r"^(sd3|zimage)\s+(\d+)\s+(\d+)\s+(on|off)\s+([\d.]+)\s+([\d.]+)\s+(\S+)$", re.M)
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): loss (\S+),")
 TIMES_LINE = re.compile(r"training took ([\d.]+) s: ([\d.]+) s compiling")
 
@@ -86,6 +90,18 @@ def step_section(arch: str, batches: str, smoke: bool, clock: Clock, work: Path)
                                                  "peak_mem_gib", "first_step_s", "compile_s", "compiled", "error")}
                               for r in data["results"]]
         section["device"], section["versions"] = data["device"], data["versions"]
+    return section
+
+
+def dit_section(smoke: bool, clock: Clock, work: Path) -> dict[str, Any]:
+    """``dit_memory.py`` on SD3.5 Large and Z-Image: measured peak GiB, the estimate, seconds per step."""
+    args = [sys.executable, "benchmarks/dit_memory.py", "--arch", "both", "--checkpointing", "on", "--fp8-base",
+            "--steps", "2" if smoke else "4"] + (["--smoke"] if smoke else [])
+    section = run_command(args, clock.left() - 5, work / "dit_memory.log")
+    text = (work / "dit_memory.log").read_text(encoding="utf-8", errors="replace")
+    section["results"] = [{"arch": m[0], "resolution": int(m[1]), "batch": int(m[2]), "checkpointing": m[3] == "on",
+                           "peak_mem_gib": float(m[4]), "estimate_gib": float(m[5]), "s_per_step": float(m[6])}
+                          for m in DIT_ROW.findall(text)]
     return section
 
 
@@ -260,7 +276,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                               else "cpu", "torch": torch.__version__, "budget_s": args.budget, "skipped": []}
     sections = [("sd15_step", lambda work: step_section("sd15", f"1,{big}", args.smoke, clock, work)),
                 ("train", lambda work: train_section(args.smoke, clock, work)),
-                ("sdxl_step", lambda work: step_section("sdxl", "1", args.smoke, clock, work))]
+                ("sdxl_step", lambda work: step_section("sdxl", "1", args.smoke, clock, work)),
+                ("dit_step", lambda work: dit_section(args.smoke, clock, work))]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lora-search-gpu-check-") as tmp:
         for name, run in sections:

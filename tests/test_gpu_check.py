@@ -29,6 +29,10 @@ def test_smoke_mode_writes_every_section(tmp_path: Path) -> None:
         assert {(r["variant"], r["batch"]) for r in rows} == {(v, b) for v in ("reference", "trainer") for b in batches}
         assert all(r["ms_per_step"] > 0 and r["error"] is None for r in rows)
 
+    dit = report["dit_step"]["results"]
+    assert {r["arch"] for r in dit} == {"sd3", "zimage"} and all(r["s_per_step"] > 0 for r in dit)
+    assert all(r["estimate_gib"] > 0 and r["checkpointing"] for r in dit)
+
     train = report["train"]
     straight, resume = train["straight"], train["resume"]
     assert straight["exit"] == 0 and len(straight["epoch_losses"]) == 2 and straight["loss_finite"]
