@@ -7,8 +7,12 @@ study, no folder, no session.
 
 Checked: study.toml (already parsed by the caller), the search space, the base config with its preset,
 a first trial config built from a sampled point (unknown keys, wrong types, refused options such as
-``xformers``), the baseline config, the model (a readable SD 1.x/SDXL file or diffusers folder), the
-dataset (``N_name`` folders, every image decoded), the sample prompt file, the scorer (the evaluator
+``xformers``), the model: its family (SD 1.x, SDXL, SD3/SD3.5, Z-Image) read from the diffusers folder's
+``model_index.json`` or the file's tensor names, the folders its pipeline needs and readable weights, the
+config's keys for that family and trainer (:func:`training.families.check_family_config`), the form the
+trainer reads (the built-in trainer: SD3/Z-Image as diffusers folders; sd-scripts' ``sd3_train_network.py``:
+a single .safetensors file) and, with the kohya backend, that the command runs the family's sd-scripts
+script; then the baseline config, the dataset (``N_name`` folders, every image decoded), the sample prompt file, the scorer (the evaluator
 settings, the CLIP model loaded offline and the reference images encoded; or the command's program),
 the kohya backend's program, the storage (reachable; a local file's folder writable with space left)
 and tmux when a session will be started.
@@ -19,7 +23,6 @@ vanishes mid-study it stops with that line instead of failing trial after trial.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -153,7 +156,7 @@ def check_model_for_backend(cfg: TrainingConfig, family: str, settings: StudySet
     is_folder = Path(source).expanduser().is_dir()
     if settings.backend.type == "builtin":
         if family in DIT_FAMILIES and not is_folder:
-            raise ConfigError(f"model {source} is a {FAMILY_NAMES[family]} single file; the built-in trainer reads "
+            raise ConfigError(f"model {source} is {_a(family)} single file; the built-in trainer reads "
                               f"{FAMILY_NAMES[family]} from a diffusers folder: {FIX_MODEL} to one"
                               + (", or use the kohya backend (sd3_train_network.py)" if family == "sd3" else ""))
         return
@@ -180,9 +183,15 @@ def check_kohya_command(command: list[str], family: str) -> None:
         raise ConfigError(f"[backend] command runs {wrong[0]}, which does not train {FAMILY_NAMES[family]} models; "
                           f"run {wanted} in the command line in study.toml")
     if family == "sd3" and not named:
-        raise ConfigError(f"[backend] command does not run sd3_train_network.py, which trains SD3 models; "
-                          f"put it in the command line in study.toml (accelerate launch sd3_train_network.py "
+        raise ConfigError("[backend] command does not run sd3_train_network.py, which trains SD3 models; "
+                          "put it in the command line in study.toml (accelerate launch sd3_train_network.py "
                           "--config_file {config})")
+
+
+def _a(family: str) -> str:
+    """The family's name with its article: "an SD3/SD3.5", "a Z-Image"."""
+    name = FAMILY_NAMES[family]
+    return f"{'an' if name.startswith('S') else 'a'} {name}"
 
 
 def describe_model(source: Optional[str]) -> str:
@@ -217,7 +226,7 @@ def _check_model_folder(path: Path) -> str:
     family = detect_family(path)
     for part in MODEL_PARTS[family]:
         if not (path / part).is_dir():
-            raise ConfigError(f"model folder {path} has no {part}/ folder, which a {FAMILY_NAMES[family]} model "
+            raise ConfigError(f"model folder {path} has no {part}/ folder, which {_a(family)} model "
                               "needs; re-download or re-save the model")
     _check_weights(path / MODEL_PARTS[family][0])
     return family
