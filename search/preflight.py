@@ -165,10 +165,34 @@ def check_model_for_backend(cfg: TrainingConfig, family: str, settings: StudySet
         if is_folder or Path(source).suffix != ".safetensors":
             raise ConfigError(f"model {source}: sd3_train_network.py reads a single .safetensors checkpoint, not a "
                               f"diffusers folder; {FIX_MODEL} to the .safetensors file, or use the built-in backend")
-        for key in ("clip_l", "clip_g", "t5xxl", "vae"):
-            value = getattr(cfg, key)
-            if value and not Path(value).expanduser().is_file():
-                raise ConfigError(f"{key} {value} not found; set {key} in the base config to the model file")
+        _check_sd3_parts(cfg, Path(source).expanduser())
+
+
+# sd-scripts' SD3 loaders (library/sd3_utils.py) take a part from the checkpoint when its option is unset,
+# if the checkpoint holds this tensor (or, for the VAE, any tensor under this prefix).
+SD3_FILE_PARTS = {
+    "clip_l": ("CLIP-L", "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight"),
+    "clip_g": ("CLIP-G", "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight"),
+    "t5xxl": ("T5-XXL", "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight"),
+    "vae": ("VAE", "first_stage_model."),
+}
+
+
+def _check_sd3_parts(cfg: TrainingConfig, checkpoint: Path) -> None:
+    """Each text encoder and the VAE comes from its own file (clip_l, clip_g, t5xxl, vae) or from the
+    checkpoint; sd3_train_network.py stops with a traceback on a part it finds in neither."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as handle:  # its header was read by check_model
+        keys = list(handle.keys())
+    for key, (part, marker) in SD3_FILE_PARTS.items():
+        value = getattr(cfg, key)
+        if value:
+            if not Path(value).expanduser().is_file():
+                raise ConfigError(f"{key} {value} not found; set {key} in the base config to the {part} file")
+        elif not any(name.startswith(marker) for name in keys):
+            raise ConfigError(f"model {checkpoint} holds no {part} and {key} is not set; set {key} in the base "
+                              f"config to the {part} .safetensors file (sd3_train_network.py needs it)")
 
 
 def check_kohya_command(command: list[str], family: str) -> None:

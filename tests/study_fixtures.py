@@ -52,9 +52,10 @@ def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "
 UNET_ONLY_BASE_KEYS = ("min_snr_gamma", "noise_offset", "text_encoder_lr", "clip_skip")
 
 
-def write_fake_sd3_checkpoint(path: Path) -> Path:
+def write_fake_sd3_checkpoint(path: Path, parts: bool = True) -> Path:
     """A few-tensor .safetensors named as an SD3 single file that sd-scripts reads
-    (``model.diffusion_model.joint_blocks.*``); enough for the pre-flight check and the fake sd-scripts."""
+    (``model.diffusion_model.joint_blocks.*``), with a tensor of each text encoder and the VAE under the names
+    sd-scripts looks for (``parts``) or without them; enough for the pre-flight check and the fake sd-scripts."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -62,6 +63,13 @@ def write_fake_sd3_checkpoint(path: Path) -> Path:
     tensors = {f"{block}.x_block.attn.qkv.weight": np.zeros((24, 8), np.float16),
                f"{block}.context_block.attn.qkv.weight": np.zeros((24, 8), np.float16),
                "model.diffusion_model.x_embedder.proj.weight": np.zeros((8, 16, 2, 2), np.float16)}
+    if parts:
+        embeddings = "transformer.text_model.embeddings.position_embedding.weight"
+        tensors.update({f"text_encoders.clip_l.{embeddings}": np.zeros((77, 4), np.float16),
+                        f"text_encoders.clip_g.{embeddings}": np.zeros((77, 4), np.float16),
+                        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight":
+                            np.zeros((4, 4), np.float16),
+                        "first_stage_model.decoder.conv_in.weight": np.zeros((4, 16, 3, 3), np.float16)})
     save_file(tensors, str(path))
     return path
 

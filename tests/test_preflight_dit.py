@@ -39,6 +39,10 @@ def zimage_with_cut_weights(models, root: Path) -> Path:
     return folder
 
 
+def sd3_file_without_text_encoders(models, root: Path) -> Path:
+    return write_fake_sd3_checkpoint(root / "sd3.5_large_mmdit_only.safetensors", parts=False)
+
+
 def zimage_single_file(models, root: Path) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
@@ -65,6 +69,8 @@ CASES = [
     ("SD3 diffusers folder with kohya", "sd3", {"backend": "kohya", **LORA_SD3}, ".safetensors"),
     ("missing clip_l with kohya", "sd3_file", {"backend": "kohya", "clip_l": "/nowhere/clip_l.safetensors",
                                                **LORA_SD3}, "/nowhere/clip_l.safetensors"),
+    ("SD3 file without CLIP-L and no clip_l", sd3_file_without_text_encoders, {"backend": "kohya", **LORA_SD3},
+     "holds no CLIP-L and clip_l is not set"),
     ("Z-Image with kohya", "zimage", {"backend": "kohya"}, "Z-Image is not in sd-scripts"),
     ("sd3_train_network.py for SD 1.x", TOY_MODEL, {"backend": "kohya", "min_snr_gamma": 5.0}, "train_network.py"),
     ("SD3-only key on SD 1.x", TOY_MODEL, {"weighting_scheme": "logit_normal"}, "weighting_scheme"),
@@ -115,6 +121,16 @@ def test_sd3_single_file_passes_check_with_sd3_train_network(models, tmp_path, m
     assert main(["check", "--study", "--config-file", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "(SD3/SD3.5 single file)" in out, out
+
+
+def test_sd3_file_without_text_encoders_passes_when_their_files_are_given(models, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parts = {key: str(write_fake_sd3_checkpoint(tmp_path / f"{key}.safetensors")) for key in ("clip_l", "clip_g",
+                                                                                               "t5xxl", "vae")}
+    model = sd3_file_without_text_encoders(models, tmp_path)
+    cfg = make_dit_project(tmp_path / "p", model, backend="kohya", **LORA_SD3, **parts)
+    assert main(["check", "--study", "--config-file", str(cfg)]) == 0, capsys.readouterr().err
+    assert "all checks passed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model,shown", [("sd3_file", "SD3/SD3.5 single file"), ("zimage", "Z-Image diffusers folder"),
