@@ -11,11 +11,12 @@ a first trial config built from a sampled point (unknown keys, wrong types, refu
 ``model_index.json`` or the file's tensor names, the folders its pipeline needs and readable weights, the
 config's keys for that family and trainer (:func:`training.families.check_family_config`), the form the
 trainer reads (the built-in trainer: SD3/Z-Image as diffusers folders; sd-scripts' ``sd3_train_network.py``:
-a single .safetensors file) and, with the kohya backend, that the command runs the family's sd-scripts
-script; then the baseline config, the dataset (``N_name`` folders, every image decoded), the sample prompt file, the scorer (the evaluator
-settings, the CLIP model loaded offline and the reference images encoded; or the command's program),
-the kohya backend's program, the storage (reachable; a local file's folder writable with space left)
-and tmux when a session will be started.
+a single .safetensors file holding, or given, its text encoders and VAE) and, with the kohya backend, that
+the command runs the family's sd-scripts script; then the baseline config, the dataset (``N_name``
+folders, every image decoded), the sample prompt file, the scorer (the evaluator settings, the CLIP model
+loaded offline and the reference images encoded; or the command's program), the kohya backend's
+program, the storage (reachable; a local file's folder writable with space left) and tmux when a session
+will be started.
 
 :func:`check_inputs` is the cheap part a worker repeats before every trial: when the model or dataset
 vanishes mid-study it stops with that line instead of failing trial after trial.
