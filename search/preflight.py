@@ -7,11 +7,16 @@ study, no folder, no session.
 
 Checked: study.toml (already parsed by the caller), the search space, the base config with its preset,
 a first trial config built from a sampled point (unknown keys, wrong types, refused options such as
-``xformers``), the baseline config, the model (a readable SD 1.x/SDXL file or diffusers folder), the
-dataset (``N_name`` folders, every image decoded), the sample prompt file, the scorer (the evaluator
-settings, the CLIP model loaded offline and the reference images encoded; or the command's program),
-the kohya backend's program, the storage (reachable; a local file's folder writable with space left)
-and tmux when a session will be started.
+``xformers``), the model: its family (SD 1.x, SDXL, SD3/SD3.5, Z-Image) read from the diffusers folder's
+``model_index.json`` or the file's tensor names, the folders its pipeline needs and readable weights, the
+config's keys for that family and trainer (:func:`training.families.check_family_config`), the form the
+trainer reads (the built-in trainer: SD3/Z-Image as diffusers folders; sd-scripts' ``sd3_train_network.py``:
+a single .safetensors file holding, or given, its text encoders and VAE) and, with the kohya backend, that
+the command runs the family's sd-scripts script; then the baseline config, the dataset (``N_name``
+folders, every image decoded), the sample prompt file, the scorer (the evaluator settings, the CLIP model
+loaded offline and the reference images encoded; or the command's program), the kohya backend's
+program, the storage (reachable; a local file's folder writable with space left) and tmux when a session
+will be started.
 
 :func:`check_inputs` is the cheap part a worker repeats before every trial: when the model or dataset
 vanishes mid-study it stops with that line instead of failing trial after trial.
@@ -19,7 +24,6 @@ vanishes mid-study it stops with that line instead of failing trial after trial.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -29,11 +33,22 @@ from search.errors import ConfigError, StorageError
 from search.settings import StudySettings
 from training.config import TrainingConfig, config_from_dict
 from training.errors import LoraSearchError
+from training.families import DIT_FAMILIES, VRAM_ARCH
 
 # Less free space than this under a SQLite or journal file is refused before the study starts.
 MIN_FREE_BYTES = 64 * 1024 * 1024
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 FIX_MODEL = "set pretrained_model_name_or_path in the base config"
+FAMILY_NAMES = {"sd1": "SD 1.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "zimage": "Z-Image"}
+# The folders a diffusers pipeline of each family needs; the first holds the weights that are checked.
+MODEL_PARTS = {
+    "sd1": ("unet", "vae", "text_encoder", "tokenizer"),
+    "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2"),
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+            "tokenizer_3"),
+    "zimage": ("transformer", "vae", "text_encoder", "tokenizer"),
+}
+# The sd-scripts script that trains each family (Z-Image is not in sd-scripts).
+KOHYA_SCRIPTS = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py", "sd3": "sd3_train_network.py"}
 
 
 def preflight(settings: StudySettings, tmux: bool = False, load_clip: bool = True,
@@ -50,12 +65,14 @@ def preflight(settings: StudySettings, tmux: bool = False, load_clip: bool = Tru
     cfg = first_trial_config(settings, space, base)
     from training.families import check_family_config
 
-    check_family_config(cfg, "SD 1.x/SDXL", builtin=settings.backend.type == "builtin")
+    family, model_line = check_model(cfg)
+    check_family_config(cfg, family, builtin=settings.backend.type == "builtin")
+    check_model_for_backend(cfg, family, settings)
     say("a first trial config builds and is valid")
     if settings.study.baseline_config:
         check_baseline(settings, space, base)
         say(f"baseline: {settings.study.baseline_config}")
-    say(check_model(cfg))
+    say(model_line)
     say(check_dataset(cfg))
     if cfg.sample_prompts:
         say(check_prompts(cfg))
@@ -108,46 +125,136 @@ def check_baseline(settings: StudySettings, space: Any, base: dict[str, Any]) ->
                   settings.study.gpu_memory_gb, settings.study_dir)
 
 
-def check_model(cfg: TrainingConfig) -> str:
-    """The model is a readable SD 1.x/SDXL checkpoint file or diffusers folder (weights are not loaded)."""
-    from training.models import CHECKPOINT_SUFFIXES, detect_checkpoint_kind
+def check_model(cfg: TrainingConfig) -> tuple[str, str]:
+    """The model is a readable checkpoint file or diffusers folder of a family lora-search trains (weights
+    are not loaded). Returns the family (``"sd1"``, ``"sdxl"``, ``"sd3"``, ``"zimage"``) and the line to show."""
+    from training.models import CHECKPOINT_SUFFIXES, checkpoint_family
 
     source = cfg.pretrained_model_name_or_path
     if not source:
         raise ConfigError(f"pretrained_model_name_or_path is not set; {FIX_MODEL}")
     path = Path(source).expanduser()
     if path.is_dir():
-        return f"model: {path} ({_check_model_folder(path)})"
+        family = _check_model_folder(path)
+        return family, f"model: {path} ({FAMILY_NAMES[family]} diffusers folder)"
     if not path.is_file():
         raise ConfigError(f"model {source} not found; {FIX_MODEL} to a .safetensors file or a diffusers folder")
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ConfigError(f"model {source} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) "
                           f"or a diffusers folder; {FIX_MODEL}")
-    kind = detect_checkpoint_kind(path)
-    if kind == "sd2":
+    family = checkpoint_family(path)
+    if family == "sd2":
         raise ConfigError(f"model {source} is Stable Diffusion 2.x, which lora-search does not train; "
-                          "use an SD 1.x or SDXL model")
-    return f"model: {path} ({kind})"
+                          "use an SD 1.x, SDXL, SD3/SD3.5 or Z-Image model")
+    return family, f"model: {path} ({FAMILY_NAMES[family]} single file)"
+
+
+def check_model_for_backend(cfg: TrainingConfig, family: str, settings: StudySettings) -> None:
+    """The model's form suits the trainer: the built-in trainer reads SD3/Z-Image from diffusers folders;
+    sd-scripts' sd3_train_network.py reads a single .safetensors file (and the text encoder files it is given)
+    and the command must run the sd-scripts script of the model's family."""
+    source = cfg.pretrained_model_name_or_path
+    is_folder = Path(source).expanduser().is_dir()
+    if settings.backend.type == "builtin":
+        if family in DIT_FAMILIES and not is_folder:
+            raise ConfigError(f"model {source} is {_a(family)} single file; the built-in trainer reads "
+                              f"{FAMILY_NAMES[family]} from a diffusers folder: {FIX_MODEL} to one"
+                              + (", or use the kohya backend (sd3_train_network.py)" if family == "sd3" else ""))
+        return
+    check_kohya_command(settings.backend.command, family)
+    if family == "sd3":
+        if is_folder or Path(source).suffix != ".safetensors":
+            raise ConfigError(f"model {source}: sd3_train_network.py reads a single .safetensors checkpoint, not a "
+                              f"diffusers folder; {FIX_MODEL} to the .safetensors file, or use the built-in backend")
+        _check_sd3_parts(cfg, Path(source).expanduser())
+
+
+# sd-scripts' SD3 loaders (library/sd3_utils.py) take a part from the checkpoint when its option is unset,
+# if the checkpoint holds this tensor (or, for the VAE, any tensor under this prefix).
+SD3_FILE_PARTS = {
+    "clip_l": ("CLIP-L", "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight"),
+    "clip_g": ("CLIP-G", "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight"),
+    "t5xxl": ("T5-XXL", "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight"),
+    "vae": ("VAE", "first_stage_model."),
+}
+
+
+def _check_sd3_parts(cfg: TrainingConfig, checkpoint: Path) -> None:
+    """Each text encoder and the VAE comes from its own file (clip_l, clip_g, t5xxl, vae) or from the
+    checkpoint; sd3_train_network.py stops with a traceback on a part it finds in neither."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as handle:  # its header was read by check_model
+        keys = list(handle.keys())
+    for key, (part, marker) in SD3_FILE_PARTS.items():
+        value = getattr(cfg, key)
+        if value:
+            if not Path(value).expanduser().is_file():
+                raise ConfigError(f"{key} {value} not found; set {key} in the base config to the {part} file")
+        elif not any(name.startswith(marker) for name in keys):
+            raise ConfigError(f"model {checkpoint} holds no {part} and {key} is not set; set {key} in the base "
+                              f"config to the {part} .safetensors file (sd3_train_network.py needs it)")
+
+
+def check_kohya_command(command: list[str], family: str) -> None:
+    """``[backend] command`` runs the sd-scripts script that trains ``family`` (SD3 needs
+    sd3_train_network.py; SD 1.x/SDXL need train_network.py/sdxl_train_network.py, or a wrapper)."""
+    wanted = KOHYA_SCRIPTS.get(family)
+    if wanted is None:
+        return
+    named = [Path(part).name for part in command if Path(part).name in KOHYA_SCRIPTS.values()]
+    wrong = [script for script in named if script != wanted]
+    if wrong:
+        raise ConfigError(f"[backend] command runs {wrong[0]}, which does not train {FAMILY_NAMES[family]} models; "
+                          f"run {wanted} in the command line in study.toml")
+    if family == "sd3" and not named:
+        raise ConfigError("[backend] command does not run sd3_train_network.py, which trains SD3 models; "
+                          "put it in the command line in study.toml (accelerate launch sd3_train_network.py "
+                          "--config_file {config})")
+
+
+def _a(family: str) -> str:
+    """The family's name with its article: "an SD3/SD3.5", "a Z-Image"."""
+    name = FAMILY_NAMES[family]
+    return f"{'an' if name.startswith('S') else 'a'} {name}"
+
+
+def describe_model(source: Optional[str]) -> str:
+    """One line naming the model's family for ``check`` and ``plan``, read from the folder's model_index.json
+    or the file's tensor names without loading anything (no torch)."""
+    from training.families import detect_family
+    from training.vram import _file_arch
+
+    if not source:
+        return "model: not set (pretrained_model_name_or_path)"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            return f"model: {source} ({FAMILY_NAMES[detect_family(path)]} diffusers folder)"
+        except LoraSearchError as exc:
+            return f"model: {source} (family unknown: {exc})"
+    arch = _file_arch(str(path)) if path.is_file() else None
+    if arch is None:
+        why = "not found" if not path.exists() else "not read from this file"
+        return f"model: {source} (family unknown: {why})"
+    family = next(name for name, vram_arch in VRAM_ARCH.items() if vram_arch == arch)
+    return f"model: {source} ({FAMILY_NAMES[family]} single file)"
 
 
 def _check_model_folder(path: Path) -> str:
+    from training.families import detect_family
+
     index = path / "model_index.json"
     if not index.is_file():
         raise ConfigError(f"model folder {path} has no model_index.json; give a diffusers model folder "
                           "or a .safetensors file")
-    try:
-        layout = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{index} cannot be read ({exc}); re-download or re-save the model") from None
-    kind = layout.get("_class_name", "")
-    if kind not in SUPPORTED_PIPELINES:
-        raise ConfigError(f"model folder {path} holds a {kind or 'pipeline without _class_name'}; lora-search "
-                          f"trains {' and '.join(SUPPORTED_PIPELINES)} folders")
-    for part in ("unet", "vae", "text_encoder", "tokenizer") + (("text_encoder_2",) if "XL" in kind else ()):
+    family = detect_family(path)
+    for part in MODEL_PARTS[family]:
         if not (path / part).is_dir():
-            raise ConfigError(f"model folder {path} has no {part}/ folder; re-download or re-save the model")
-    _check_weights(path / "unet")
-    return kind
+            raise ConfigError(f"model folder {path} has no {part}/ folder, which {_a(family)} model "
+                              "needs; re-download or re-save the model")
+    _check_weights(path / MODEL_PARTS[family][0])
+    return family
 
 
 def _check_weights(folder: Path) -> None:

@@ -46,3 +46,59 @@ def make_project(root: Path, n_trials: int = 4, storage: str = "", name: str = "
     path = configs / "study.toml"
     path.write_text(tomli_w.dumps(study))
     return path
+
+
+# Keys of a UNet base config that a DiT (SD3/Z-Image) run refuses, and the searched ones among them.
+UNET_ONLY_BASE_KEYS = ("min_snr_gamma", "noise_offset", "text_encoder_lr", "clip_skip")
+
+
+def write_fake_sd3_checkpoint(path: Path, parts: bool = True) -> Path:
+    """A few-tensor .safetensors named as an SD3 single file that sd-scripts reads
+    (``model.diffusion_model.joint_blocks.*``), with a tensor of each text encoder and the VAE under the names
+    sd-scripts looks for (``parts``) or without them; enough for the pre-flight check and the fake sd-scripts."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    block = "model.diffusion_model.joint_blocks.0"
+    tensors = {f"{block}.x_block.attn.qkv.weight": np.zeros((24, 8), np.float16),
+               f"{block}.context_block.attn.qkv.weight": np.zeros((24, 8), np.float16),
+               "model.diffusion_model.x_embedder.proj.weight": np.zeros((8, 16, 2, 2), np.float16)}
+    if parts:
+        embeddings = "transformer.text_model.embeddings.position_embedding.weight"
+        tensors.update({f"text_encoders.clip_l.{embeddings}": np.zeros((77, 4), np.float16),
+                        f"text_encoders.clip_g.{embeddings}": np.zeros((77, 4), np.float16),
+                        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight":
+                            np.zeros((4, 4), np.float16),
+                        "first_stage_model.decoder.conv_in.weight": np.zeros((4, 16, 3, 3), np.float16)})
+    save_file(tensors, str(path))
+    return path
+
+
+def make_dit_project(root: Path, model: Path, backend: str = "builtin", script: str = "sd3_train_network.py",
+                     n_trials: int = 1, **base_values) -> Path:
+    """:func:`make_project` for an SD3/Z-Image model: the base config and the space without the UNet-only
+    keys, ``network_train_unet_only = true``, then ``base_values``. ``backend`` "builtin", or "kohya" running
+    the fake sd-scripts ``script``. Returns the study.toml path."""
+    study_path = make_project(root, n_trials=n_trials)
+    configs = root / "configs"
+    base = tomllib.loads((configs / "base.toml").read_text())
+    for section in base.values():
+        for key in UNET_ONLY_BASE_KEYS:
+            section.pop(key, None)
+    base["model"]["pretrained_model_name_or_path"] = str(model)
+    base["training"]["network_train_unet_only"] = True
+    for key, value in base_values.items():
+        section = next((sec for sec in base.values() if key in sec), base["training"])
+        section[key] = value
+    (configs / "base.toml").write_text(tomli_w.dumps(base))
+    space = tomllib.loads((configs / "search_space.toml").read_text())
+    for key in UNET_ONLY_BASE_KEYS:
+        space.pop(key, None)
+    (configs / "search_space.toml").write_text(tomli_w.dumps(space))
+    study = tomllib.loads(study_path.read_text())
+    if backend == "builtin":
+        study["backend"] = {"type": "builtin"}
+    else:
+        study["backend"]["command"][1] = str(FAKE / script)
+    study_path.write_text(tomli_w.dumps(study))
+    return study_path

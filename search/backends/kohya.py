@@ -1,9 +1,11 @@
 """Backend for users who already have kohya sd-scripts: runs their command line on the trial TOML.
 
 The command (``[backend] command`` in study.toml) gets ``{config}`` and ``{run_dir}`` filled in; its
-output goes to ``train.log`` in the trial folder. sd-scripts writes ``{output_name}-{epoch:06d}.safetensors``
-every ``save_every_n_epochs`` and ``{output_name}.safetensors`` after the last epoch; each is scored as
-soon as it is complete (its size stopped changing, or the process ended).
+output goes to ``train.log`` in the trial folder. sd-scripts (``train_network.py``, ``sdxl_train_network.py``,
+and for SD3/SD3.5 ``sd3_train_network.py``, whose trainer class extends train_network's and keeps its saving)
+writes ``{output_name}-{epoch:06d}.safetensors`` every ``save_every_n_epochs`` and ``{output_name}.safetensors``
+after the last epoch; each is scored as soon as it is complete (its size stopped changing, or the process
+ended). The pre-flight check makes sure the command runs the script of the model's family.
 
 A retry of a trial whose worker died continues sd-scripts where it stopped when the trial config saves
 states (``save_state = true``): the command gets ``--resume <newest complete state folder>`` appended

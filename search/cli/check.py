@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_config(path: str) -> int:
     from search.constraints import CONSTRAINTS, describe, violations
+    from search.preflight import describe_model
     from training.config import load_training_config
     from training.vram import vram_line
 
@@ -47,11 +48,13 @@ def _check_config(path: str) -> int:
     fired = violations(cfg)
     if not fired:
         print(f"{path}: safe ({len(CONSTRAINTS)} safety constraints checked)")
+        print(describe_model(cfg.pretrained_model_name_or_path))
         print(vram_line(cfg))
         return 0
     print(f"{path}: UNSAFE, {len(fired)} of {len(CONSTRAINTS)} safety constraints violated:")
     for constraint in fired:
         print(f"  - {describe(constraint)}")
+    print(describe_model(cfg.pretrained_model_name_or_path))
     print(vram_line(cfg))
     return 1
 

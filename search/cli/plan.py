@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     _print_budgets(args, report, cfg)
     if args.auto_steps:
         _print_auto_steps(report)
+    from search.preflight import describe_model
+
+    print(describe_model(cfg.pretrained_model_name_or_path))
     print(vram_line(cfg, args.arch))
     parts = estimate_vram(cfg, args.arch).parts
     print("  " + ", ".join(f"{name} {gib:.2f}" for name, gib in parts.items() if gib > 0) + " GiB")
