@@ -223,7 +223,7 @@ def describe_model(source: Optional[str]) -> str:
     """One line naming the model's family for ``check`` and ``plan``, read from the folder's model_index.json
     or the file's tensor names without loading anything (no torch)."""
     from training.families import detect_family
-    from training.vram import _file_arch
+    from training.vram import file_arch
 
     if not source:
         return "model: not set (pretrained_model_name_or_path)"
@@ -233,7 +233,7 @@ def describe_model(source: Optional[str]) -> str:
             return f"model: {source} ({FAMILY_NAMES[detect_family(path)]} diffusers folder)"
         except LoraSearchError as exc:
             return f"model: {source} (family unknown: {exc})"
-    arch = _file_arch(str(path)) if path.is_file() else None
+    arch = file_arch(str(path)) if path.is_file() else None
     if arch is None:
         why = "not found" if not path.exists() else "not read from this file"
         return f"model: {source} (family unknown: {why})"

@@ -124,7 +124,7 @@ def checkpoint_family(path: Path) -> str:
     DiT ``.safetensors`` file (the markers of :mod:`training.vram`: sd-scripts reads SD3 files whose keys start
     ``model.diffusion_model.joint_blocks.``), else :func:`detect_checkpoint_kind`'s ``"sd1"``, ``"sd2"`` or
     ``"sdxl"``. A damaged file raises :class:`ModelLoadError`."""
-    from training.vram import _DIT_MARKERS
+    from training.vram import DIT_MARKERS
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -134,7 +134,7 @@ def checkpoint_family(path: Path) -> str:
                 keys = list(fh.keys())
         except Exception as exc:  # corrupt headers surface as many exception types
             raise ModelLoadError(f"{path}: cannot read the checkpoint ({_first_line(exc)}); check the file is complete") from None
-        for family, markers in _DIT_MARKERS.items():
+        for family, markers in DIT_MARKERS.items():
             if any(key.startswith(markers) for key in keys):
                 return family
     return detect_checkpoint_kind(path)

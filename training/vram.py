@@ -206,7 +206,7 @@ def estimate_vram(cfg: TrainingConfig, arch: Optional[str] = None) -> VramEstima
     Inference reads the model file's tensor names without loading weights (see :func:`infer_arch`);
     a file that cannot be read that way is assumed to be SD 1.5.
     """
-    from_file = _file_arch(cfg.pretrained_model_name_or_path) if arch is None else None
+    from_file = file_arch(cfg.pretrained_model_name_or_path) if arch is None else None
     arch = arch or from_file or "sd15"
     if arch not in ARCHS:
         raise ConfigError(f"architecture {arch!r} is not known; use one of {', '.join(ARCHS)}")
@@ -255,7 +255,7 @@ def vram_line(cfg: TrainingConfig, arch: Optional[str] = None) -> str:
 _SDXL_MARKERS = ("conditioner.embedders.1.", "model.diffusion_model.label_emb.", "add_embedding.")
 _SD_MARKERS = ("model.diffusion_model.", "cond_stage_model.", "down_blocks.", "text_model.")
 # SD3's MMDiT (original and diffusers names) and Z-Image's refiners, checked before the SD markers.
-_DIT_MARKERS = {
+DIT_MARKERS = {
     "sd3": ("model.diffusion_model.joint_blocks.", "joint_blocks.", "transformer_blocks.0.attn.add_q_proj."),
     "zimage": ("model.diffusion_model.noise_refiner.", "noise_refiner.", "diffusion_model.noise_refiner."),
 }
@@ -289,7 +289,8 @@ def _folder_arch(folder: Path) -> Optional[str]:
     return None
 
 
-def _file_arch(model: str) -> Optional[str]:
+def file_arch(model: str) -> Optional[str]:
+    """The architecture of a model file (from its tensor names) or diffusers folder; None when unknown."""
     if not model:
         return None
     path = Path(model)
@@ -300,7 +301,7 @@ def _file_arch(model: str) -> Optional[str]:
     keys = _safetensors_keys(path)
     if not keys:
         return None
-    for arch, markers in _DIT_MARKERS.items():
+    for arch, markers in DIT_MARKERS.items():
         if any(key.startswith(markers) for key in keys):
             return arch
     if any(key.startswith(_SDXL_MARKERS) for key in keys):
@@ -310,4 +311,4 @@ def _file_arch(model: str) -> Optional[str]:
 
 def infer_arch(model: str) -> str:
     """One of :data:`ARCHS` from a model file's tensor names or a diffusers folder's config; "sd15" when unknown."""
-    return _file_arch(model) or "sd15"
+    return file_arch(model) or "sd15"
