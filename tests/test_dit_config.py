@@ -85,7 +85,7 @@ def test_each_family_and_trainer_refuses_keys_it_would_ignore():
     with pytest.raises(ConfigError, match="is for SD3 models"):
         check_family_config(config_from_dict({"network_module": "networks.lora_sd3"}), "sd1")
     check_family_config(config_from_dict({"network_dim": 8}), "sd1")
-    with pytest.raises(ConfigError, match="fp8_base: the built-in trainer keeps sdxl weights"):
+    with pytest.raises(ConfigError, match="fp8_base: the built-in trainer keeps SDXL weights"):
         check_family_config(config_from_dict({"fp8_base": True}), "sdxl")
     check_family_config(config_from_dict({"fp8_base": True}), "sdxl", builtin=False)
 

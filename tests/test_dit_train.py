@@ -250,7 +250,7 @@ def test_fp8_base_trains_in_bf16_and_saves_float32_lora(dit_dirs, dataset, tmp_p
 @pytest.mark.parametrize("name,overrides,message", [
     ("sd3", {"min_snr_gamma": 5.0}, "min_snr_gamma applies to SD 1.x/SDXL"),
     ("zimage", {"noise_offset": 0.05}, "noise_offset applies to SD 1.x/SDXL"),
-    ("zimage", {"text_encoder_lr": 1e-4}, "does not train the zimage text encoders"),
+    ("zimage", {"text_encoder_lr": 1e-4}, "does not train the Z-Image text encoders"),
     ("sd3", {"training_adapter": "a.safetensors"}, "training_adapter is for Z-Image Turbo"),
     ("zimage", {"clip_l": "clip_l.safetensors"}, "applies to SD3 models only"),
     ("sd3", {"fp8_base": True}, 'set mixed_precision = "bf16"'),

@@ -31,6 +31,8 @@ FAMILIES = {
     "ZImagePipeline": "zimage",
 }
 DIT_FAMILIES = ("sd3", "zimage")
+# family -> how messages name it
+LABELS = {"sd1": "SD 1.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "zimage": "Z-Image"}
 # family -> the architecture key of the VRAM estimate (training/vram.py SPECS)
 VRAM_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "zimage": "zimage"}
 
@@ -179,49 +181,50 @@ class ModelFamily(ABC):
 def check_family_config(cfg: Any, family_name: str, builtin: bool = True) -> None:
     """Refuse config keys that the model family (and the trainer: built-in or sd-scripts) would not use."""
     given = set(cfg.to_dict(include_defaults=False))
+    label = LABELS.get(family_name, family_name)
     if family_name not in DIT_FAMILIES:
-        _check_unet(cfg, family_name, given, builtin)
+        _check_unet(cfg, label, given, builtin)
     elif builtin:
-        _check_builtin_dit(cfg, family_name, given)
+        _check_builtin_dit(cfg, family_name, label, given)
     else:
         _check_kohya_dit(cfg, family_name, given)
 
 
-def _check_unet(cfg: Any, family_name: str, given: set[str], builtin: bool) -> None:
+def _check_unet(cfg: Any, label: str, given: set[str], builtin: bool) -> None:
     stray = [key for key in FLOW_KEYS + SD3_KEYS + BUILTIN_DIT_KEYS if key in given]
     if stray:
-        raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {family_name} model")
+        raise ConfigError(f"{stray[0]} applies to SD3/Z-Image models only; remove it for this {label} model")
     if cfg.network_module != "networks.lora":
         raise ConfigError(f"network_module = {cfg.network_module!r} is for SD3 models; use \"networks.lora\"")
     if builtin and (cfg.fp8_base or cfg.fp8_base_unet):
-        raise ConfigError(f"fp8_base: the built-in trainer keeps {family_name} weights in the mixed_precision "
+        raise ConfigError(f"fp8_base: the built-in trainer keeps {label} weights in the mixed_precision "
                           "dtype; remove it (it applies to SD3/Z-Image) or use the kohya backend")
 
 
-def _check_builtin_dit(cfg: Any, family_name: str, given: set[str]) -> None:
-    _check_dit_common(cfg, family_name, given)
+def _check_builtin_dit(cfg: Any, family_name: str, label: str, given: set[str]) -> None:
+    _check_dit_common(cfg, label, given)
     if cfg.training_adapter and family_name != "zimage":
-        raise ConfigError(f"training_adapter is for Z-Image Turbo; remove it for this {family_name} model")
+        raise ConfigError(f"training_adapter is for Z-Image Turbo; remove it for this {label} model")
     if family_name == "zimage":
         stray = [key for key in SD3_KEYS if key in given]
         if stray or cfg.network_module != "networks.lora":
             what = stray[0] if stray else f"network_module = {cfg.network_module!r}"
-            raise ConfigError(f"{what} applies to SD3 models only; remove it for this zimage model")
+            raise ConfigError(f"{what} applies to SD3 models only; remove it for this Z-Image model")
     stray = [key for key in SD3_KEYS if key in given and key not in BUILTIN_SD3_KEYS]
     if stray:
         raise ConfigError(f"{stray[0]} is read by sd-scripts' sd3_train_network.py only; the built-in trainer "
                           "takes the model from the diffusers folder: remove it or use the kohya backend")
 
 
-def _check_dit_common(cfg: Any, family_name: str, given: set[str]) -> None:
+def _check_dit_common(cfg: Any, label: str, given: set[str]) -> None:
     """Options of SD 1.x/SDXL training that a DiT run would silently ignore, and text-encoder training."""
     stray = [key for key in UNET_ONLY_KEYS if key in given and getattr(cfg, key)]
     if stray:
         raise ConfigError(f"{stray[0]} applies to SD 1.x/SDXL (UNet) models only; remove it for this "
-                          f"{family_name} model")
+                          f"{label} model")
     if cfg.network_train_text_encoder_only or cfg.text_encoder_lr:
         what = "network_train_text_encoder_only" if cfg.network_train_text_encoder_only else "text_encoder_lr"
-        raise ConfigError(f"{what}: the built-in trainer does not train the {family_name} text encoders (their "
+        raise ConfigError(f"{what}: the built-in trainer does not train the {label} text encoders (their "
                           "outputs are cached); remove it")
 
 
