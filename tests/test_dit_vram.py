@@ -32,7 +32,7 @@ def test_sd35_large_fits_16_gb_with_fp8_base_and_not_without():
     without = estimate_vram(config(), "sd3")
     assert with_fp8.total_gib < CARD_16 - 1 < CARD_16 < without.total_gib
     # fp8 stores each of the 8.06 billion transformer weights in one byte instead of two
-    assert (without.parts["unet"] - with_fp8.parts["unet"]) * 1024 ** 3 == DIT_SIZES["sd3"].transformer_params
+    assert (without.parts["transformer"] - with_fp8.parts["transformer"]) * 1024 ** 3 == DIT_SIZES["sd3"].transformer_params
 
 
 def test_z_image_turbo_recipe_fits_12_gb_and_full_precision_without_checkpointing_does_not_fit_16():

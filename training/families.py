@@ -4,8 +4,9 @@ A diffusers folder names its pipeline class in ``model_index.json``; :func:`dete
 one of :data:`FAMILIES`. Everything the training step needs to know about a family sits behind
 :class:`ModelFamily`: how to load it, encode captions, make the noisy input and read the prediction, which
 modules carry LoRA and under which file keys, how to sample, and what it weighs for the VRAM estimate.
-The DiT families are implemented in :mod:`training.dit`; SD 1.x/SDXL still run through
-``training/trainer.py`` directly.
+The DiT families are implemented in :mod:`training.dit`, and :mod:`training.dit_run` is what the
+trainer's loop (``training/trainer.py``, shared by all four) calls for them; SD 1.x/SDXL code is in the
+trainer itself.
 
 Nothing here imports torch, so ``check`` and ``plan`` can detect a family cheaply.
 """

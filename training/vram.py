@@ -153,7 +153,8 @@ def _static_parts(arch: str, dim: int, optimizer: str, *, mixed_precision: str =
     spec = SPECS[arch]
     weight_bytes = 4 if mixed_precision == "no" else 2
     lora_params = spec.unet_lora_per_rank * dim
-    parts = {"unet": spec.unet_params * (1 if fp8_base else weight_bytes), "text_encoders": 0.0, "vae": 0.0}
+    denoiser = "transformer" if arch in DIT_SIZES else "unet"
+    parts = {denoiser: spec.unet_params * (1 if fp8_base else weight_bytes), "text_encoders": 0.0, "vae": 0.0}
     if train_text_encoder:
         parts["text_encoders"] = sum(te[0] for te in spec.text_encoders) * weight_bytes
         lora_params += sum(te[1] for te in spec.text_encoders) * dim
