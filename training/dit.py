@@ -48,6 +48,13 @@ class DitConditioning:
         pooled = [None] * len(self.embeds) if self.pooled is None else list(self.pooled)
         return [DitConditioning(embeds=e, pooled=p) for e, p in zip(self.embeds, pooled)]
 
+    def to(self, device: torch.device | str) -> "DitConditioning":
+        """The same conditioning on ``device``."""
+        embeds = ([e.to(device, non_blocking=True) for e in self.embeds] if isinstance(self.embeds, list)
+                  else self.embeds.to(device, non_blocking=True))
+        pooled = None if self.pooled is None else self.pooled.to(device, non_blocking=True)
+        return DitConditioning(embeds=embeds, pooled=pooled)
+
     @staticmethod
     def join(items: list["DitConditioning"]) -> "DitConditioning":
         """The batch conditioning of per-caption items from :meth:`split`."""

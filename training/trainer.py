@@ -206,13 +206,17 @@ def _load_models(cfg: TrainingConfig, dit: Optional[str]) -> Any:
 
 
 def _is_dit(run: _Run) -> bool:
-    """The run trains an SD3/Z-Image transformer (rectified flow), not an SD 1.x/SDXL UNet."""
-    return run.noise_scheduler is None
+    """The run trains an SD3/Z-Image transformer (rectified flow, :mod:`training.dit_run`), not an SD 1.x/SDXL UNet."""
+    return _dit_models(run.models)
+
+
+def _dit_models(models: Any) -> bool:
+    return hasattr(models, "transformer")
 
 
 def _build_run(cfg: TrainingConfig, out: Path, models: Any, dataset: Any, seed: int, device: torch.device) -> _Run:
     """The run's LoRA network on ``models``, placed on ``device`` (no steps planned, no optimizer yet)."""
-    dit = hasattr(models, "transformer")
+    dit = _dit_models(models)
     run = _Run(cfg=cfg, out=out, device=device, autocast_dtype=MIXED_PRECISION_DTYPES[cfg.mixed_precision],
                seed=seed, models=models, network=_build_network(cfg, models), dataset=dataset,
                noise_scheduler=None if dit else _noise_scheduler(cfg))
@@ -288,7 +292,7 @@ def _check_supported(cfg: TrainingConfig) -> Optional[str]:
 def _build_network(cfg: TrainingConfig, models: Any) -> Any:
     from training.network import LoraNetwork
 
-    if hasattr(models, "transformer"):
+    if _dit_models(models):
         from training.dit_run import build_dit_network
 
         network = build_dit_network(cfg, models)
