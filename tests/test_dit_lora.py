@@ -20,7 +20,7 @@ from training.dit import SD3Family, ZImageFamily
 from training.dit_lora import DitLora
 from training.errors import LoraSearchError
 from training.tiny_dit import build_tiny_sd3, build_tiny_zimage, tiny_sd3_transformer, tiny_zimage_transformer
-from dit_fixtures import one_torch_thread  # noqa: F401  (autouse)
+from dit_fixtures import merged, one_torch_thread  # noqa: F401  (autouse)
 
 # kind -> (family, tiny transformer); "sd35m" has SD3.5 Medium's dual attention blocks
 FAMILIES = {"sd3": SD3Family(), "sd35m": SD3Family(), "zimage": ZImageFamily()}
@@ -40,16 +40,6 @@ def randomized_lora(name, **kw):
         for param in lora.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return base, model, lora
-
-
-def merged(base, deltas):
-    """A copy of ``base`` with ``weight += delta`` for each module path: the LoRA formula, done by hand."""
-    model = copy.deepcopy(base)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            modules[path].weight += delta
-    return model
 
 
 def formula_deltas(lora):

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dit_fixtures import one_torch_thread  # noqa: F401  (autouse)
+from dit_fixtures import merged, one_torch_thread  # noqa: F401  (autouse)
 from helpers import write_dataset
 from training.config import config_from_dict, write_config
 from training.dit import DitFamily, family
@@ -69,15 +69,6 @@ def transformer_output(model, name: str) -> torch.Tensor:
         out = model(list(latents.unsqueeze(2).unbind(0)), torch.tensor([0.5]),
                     [torch.randn(5, 16, generator=generator)], return_dict=False)[0]
         return torch.stack(out)
-
-
-def merged(model, deltas):
-    model = copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            modules[path].weight += delta
-    return model
 
 
 @pytest.mark.parametrize("name", FAMILIES)

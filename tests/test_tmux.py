@@ -248,7 +248,7 @@ def test_killing_the_whole_tmux_server_then_resume_finishes_the_study(project, s
         assert retry.user_attrs["run_dir"] == original.user_attrs["run_dir"]
 
 
-def test_storage_password_stays_out_of_the_process_list(project, sock, postgres_server):
+def test_storage_password_stays_out_of_the_process_list(project, sock, postgres_server):  # noqa: F811 (the fixture)
     url, secret = with_password(postgres_server())
     cfg = make_project(project, n_trials=2)  # the config's own storage: SQLite under runs/
     assert main(["start", "--config", str(cfg), "--storage", url, "--socket-name", sock]) == 0
