@@ -951,12 +951,12 @@ def _optimizer_label(cfg: TrainingConfig) -> str:
 
 
 def _modelspec(cfg: TrainingConfig, architecture: str, resolution: tuple[int, int]) -> dict[str, str]:
-    implementation = {"stable-diffusion-xl-v1-base": "https://github.com/Stability-AI/generative-models",
-                      "stable-diffusion-v1": "diffusers", "z-image": "diffusers"}
+    # SDXL files use kohya's (generative-models) key names; SD 1.x and the DiT files diffusers' module paths.
+    sgm = architecture == "stable-diffusion-xl-v1-base"
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": implementation.get(architecture, "https://github.com/Stability-AI/SD3.5"),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sgm else "diffusers",
         "modelspec.title": _name(cfg), "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.prediction_type": "v" if cfg.v_parameterization else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
