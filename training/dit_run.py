@@ -66,11 +66,13 @@ class DitModels:
 def load_dit_models(cfg: TrainingConfig, name: str, compute_dtype: Optional[torch.dtype]) -> DitModels:
     """The pipeline of ``cfg.pretrained_model_name_or_path`` (a ``name`` family folder), ready for LoRA.
 
-    The training adapter is merged in float32, before the transformer is stored in fp8 (``fp8_base``,
-    computing in ``compute_dtype``), and both before the LoRA is added.
+    Weights are read in ``compute_dtype`` (the mixed-precision dtype; float32 without one), so a bf16 run
+    of SD3.5 Large never holds a float32 copy of its 8B transformer and T5-XXL in host memory. The
+    training adapter is merged (its update computed in float32) before the transformer is stored in fp8
+    (``fp8_base``, computing in ``compute_dtype``), and both before the LoRA is added.
     """
     fam = family(name).for_config(cfg)
-    pipe = fam.load(cfg.pretrained_model_name_or_path, torch.float32)
+    pipe = fam.load(cfg.pretrained_model_name_or_path, compute_dtype or torch.float32)
     models = DitModels(family=fam, pipe=pipe, source=cfg.pretrained_model_name_or_path)
     if cfg.training_adapter:
         from training.adapter import TrainingAdapter
