@@ -85,6 +85,7 @@ def test_a_study_on_a_dit_trains_scores_and_exports(name, tmp_path, monkeypatch,
     assert best.value == max(t.value for t in trained)
     exported = load_training_config(out)
     check_family_config(exported, name, builtin=True)
+    assert main(["check", str(out)]) == 0  # safe under the seven constraints, as the study found it
     assert exported.learning_rate == best.params["learning_rate"]
     assert exported.network_dim == best.params["network_dim"]
     assert exported.weighting_scheme == best.params["weighting_scheme"]
