@@ -33,12 +33,11 @@ from search.errors import ConfigError, StorageError
 from search.settings import StudySettings
 from training.config import TrainingConfig, config_from_dict
 from training.errors import LoraSearchError
-from training.families import DIT_FAMILIES, VRAM_ARCH
+from training.families import DIT_FAMILIES, LABELS as FAMILY_NAMES, VRAM_ARCH
 
 # Less free space than this under a SQLite or journal file is refused before the study starts.
 MIN_FREE_BYTES = 64 * 1024 * 1024
 FIX_MODEL = "set pretrained_model_name_or_path in the base config"
-FAMILY_NAMES = {"sd1": "SD 1.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "zimage": "Z-Image"}
 # The folders a diffusers pipeline of each family needs; the first holds the weights that are checked.
 MODEL_PARTS = {
     "sd1": ("unet", "vae", "text_encoder", "tokenizer"),
@@ -250,11 +249,22 @@ def _check_model_folder(path: Path) -> str:
                           "or a .safetensors file")
     family = detect_family(path)
     for part in MODEL_PARTS[family]:
-        if not (path / part).is_dir():
+        if not (path / part).is_dir() and not _left_out(index, part):
             raise ConfigError(f"model folder {path} has no {part}/ folder, which {_a(family)} model "
                               "needs; re-download or re-save the model")
     _check_weights(path / MODEL_PARTS[family][0])
     return family
+
+
+def _left_out(index: Path, part: str) -> bool:
+    """The folder's ``model_index.json`` lists ``part`` as absent (``[null, null]``): SD3 without T5-XXL."""
+    import json
+
+    try:
+        entry = json.loads(index.read_text(encoding="utf-8")).get(part)
+    except (OSError, ValueError):
+        return False
+    return part in ("text_encoder_3", "tokenizer_3") and isinstance(entry, list) and not any(entry)
 
 
 def _check_weights(folder: Path) -> None:

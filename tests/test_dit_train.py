@@ -266,3 +266,16 @@ def test_a_bad_training_adapter_is_one_line_and_no_run_folder(dit_dirs, dataset,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and str(adapter) in err[0], err
         assert not (tmp_path / "run").exists()
+
+
+def test_an_sd3_folder_saved_without_t5_passes_the_check_and_trains(dataset, tmp_path):
+    from search.preflight import check_model
+    from training.tiny_dit import build_tiny_sd3
+
+    pipe = build_tiny_sd3(tmp_path / "tok")
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None  # T5-XXL left out to save memory, as diffusers allows
+    pipe.save_pretrained(tmp_path / "sd3_no_t5")
+    cfg = dit_config(tmp_path / "sd3_no_t5", dataset, tmp_path / "run", max_train_epochs=1)
+    assert check_model(cfg)[0] == "sd3"
+    tensors = load_file(str(train(cfg).checkpoint))
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in tensors.items())

@@ -98,7 +98,7 @@ class DitFamily(ModelFamily):
             raise DitLoadError(f"{folder} is a {found} model, not {self.name}; check pretrained_model_name_or_path")
         cls = getattr(diffusers, self.pipeline_class)
         try:
-            return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            return cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **_absent_components(folder))
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DitLoadError(f"{folder}: cannot load the {self.pipeline_class} ({first}); check the folder") from None
@@ -202,6 +202,16 @@ class DitFamily(ModelFamily):
     def normalize_latents(vae: Any, raw: torch.Tensor) -> torch.Tensor:
         """VAE latents as the transformer sees them: ``(z - shift_factor) * scaling_factor``."""
         return (raw - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def _absent_components(folder: str | Path) -> dict[str, None]:
+    """Components ``model_index.json`` lists as ``[null, null]`` (an SD3 folder saved without T5-XXL), to
+    pass as None: diffusers' loader wants them named even when there is nothing to load."""
+    import json
+
+    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    return {name: None for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and not any(entry)}
 
 
 @dataclass
