@@ -304,4 +304,4 @@ def test_unknown_preset_is_one_clear_line(project, capsys):
     base = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
     assert main(["train", str(base), "--preset", "portrait"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown preset 'portrait'; available presets: character, concept, style" in err and len(err.splitlines()) == 1
+    assert "unknown preset 'portrait'; available presets: character, concept, deturbo, style, turbo" in err and len(err.splitlines()) == 1
