@@ -12,20 +12,18 @@ logging) is the same for every family. For a diffusers folder of a DiT family it
 - captions (:class:`DitCaptionCache`): every caption encoded once with the text encoders on the device
   only meanwhile (T5-XXL and Qwen3 are large), then kept on the CPU; the text encoders are never trained;
 - the loss (:func:`dit_loss`): the family's flow-matching loss, weighted per sample as the UNet's is;
-- samples (:func:`sample_dit_images`): through the family's pipeline, with the training adapter removed,
-  under the file names and ``prompts.json`` of :mod:`training.sampling`.
+- samples: :func:`training.sampling.sample_dit_images`, through the family's pipeline with the training
+  adapter removed.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 
-from training.atomic import atomic_write_with
 from training.config import TrainingConfig
 from training.devices import autocast
 from training.dit import DitConditioning, DitFamily, family, store_base_in_fp8
@@ -184,34 +182,3 @@ def dit_loss(models: DitModels, latents: torch.Tensor, conditioning: DitConditio
     with autocast(device, autocast_dtype):
         per_sample = models.family.training_loss(models.transformer, latents, conditioning)
     return (per_sample.float() * weights).mean()
-
-
-def sample_dit_images(cfg: TrainingConfig, models: DitModels, epoch: int, device: torch.device,
-                      autocast_dtype: Optional[torch.dtype] = None, step: Optional[int] = None) -> list[Path]:
-    """Every prompt of ``cfg.sample_prompts`` through the family's pipeline with the LoRA as it is (and the
-    training adapter removed): the same file names and ``prompts.json`` as SD 1.x/SDXL samples."""
-    import contextlib
-
-    from training.sampling import load_prompts, preserved_rng, prompt_seed, sample_dir, sample_path, write_prompts_json
-
-    prompts = load_prompts(cfg)
-    write_prompts_json(cfg, prompts)
-    transformer = models.transformer
-    was_training = transformer.training
-    transformer.eval()
-    models.pipe.set_progress_bar_config(disable=True)
-    removed = models.adapter.removed() if models.adapter is not None else contextlib.nullcontext()
-    paths = []
-    try:
-        with preserved_rng(), torch.no_grad(), autocast(device, autocast_dtype), removed:
-            for prompt in prompts:
-                image = models.family.sample(models.pipe, prompt.prompt, width=prompt.width, height=prompt.height,
-                                             negative_prompt=prompt.negative_prompt, steps=prompt.steps,
-                                             cfg_scale=prompt.scale, seed=prompt_seed(cfg, prompt))
-                path = sample_path(cfg, epoch, prompt.index, step)
-                paths.append(atomic_write_with(path, lambda tmp, im=image: im.save(tmp, format="PNG")))
-    finally:
-        transformer.train(was_training)
-    log.info("%s: %d sample images in %s", f"epoch {epoch}" if step is None else f"step {step}", len(paths),
-             sample_dir(cfg))
-    return paths

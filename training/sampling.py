@@ -1,4 +1,6 @@
-"""Sample images from the config's prompt file, in ``{output_dir}/sample/``.
+"""Sample images from the config's prompt file, in ``{output_dir}/sample/``: SD 1.x/SDXL through their
+diffusers pipelines with kohya's samplers (:func:`sample_images`), SD3/Z-Image through the family's own
+pipeline and flow-matching scheduler (:func:`sample_dit_images`).
 
 Images sampled at the end of an epoch (``sample_every_n_epochs``) are ``{output_name}_e{epoch:06d}_{index:02d}.png``;
 images sampled after an optimizer step (``sample_every_n_steps``) are ``{output_name}_s{step:08d}_{index:02d}.png``.
@@ -164,6 +166,34 @@ def sample_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.de
     return paths
 
 
+def sample_dit_images(cfg: TrainingConfig, models: Any, epoch: int, device: torch.device,
+                      autocast_dtype: Optional[torch.dtype] = None, step: Optional[int] = None) -> list[Path]:
+    """Every prompt of ``cfg.sample_prompts`` through an SD3/Z-Image family's pipeline (``models``: a
+    :class:`training.dit_run.DitModels`) with the LoRA as it is and the training adapter removed: the same
+    file names and ``prompts.json`` as :func:`sample_images`."""
+    prompts = load_prompts(cfg)
+    write_prompts_json(cfg, prompts)
+    transformer = models.transformer
+    was_training = transformer.training
+    transformer.eval()
+    models.pipe.set_progress_bar_config(disable=True)
+    removed = models.adapter.removed() if models.adapter is not None else contextlib.nullcontext()
+    paths = []
+    try:
+        with preserved_rng(), torch.no_grad(), autocast(device, autocast_dtype), removed:
+            for prompt in prompts:
+                image = models.family.sample(models.pipe, prompt.prompt, width=prompt.width, height=prompt.height,
+                                             negative_prompt=prompt.negative_prompt, steps=prompt.steps,
+                                             cfg_scale=prompt.scale, seed=prompt_seed(cfg, prompt))
+                path = sample_path(cfg, epoch, prompt.index, step)
+                paths.append(atomic_write_with(path, lambda tmp, im=image: im.save(tmp, format="PNG")))
+    finally:
+        transformer.train(was_training)
+    log.info("%s: %d sample images in %s", f"epoch {epoch}" if step is None else f"step {step}", len(paths),
+             sample_dir(cfg))
+    return paths
+
+
 def _generate_one(cfg: TrainingConfig, pipe: Any, prompt: Any, path: Path, device: torch.device,
                   models: Any) -> Path:
     generator = torch.Generator(device=device.type).manual_seed(prompt_seed(cfg, prompt))
@@ -227,7 +257,7 @@ def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int,
     dit = dit_family_of(cfg.pretrained_model_name_or_path)
     if dit is not None:  # SD3/Z-Image: the model without a training adapter is the one the LoRA is for
         from training.dit import family
-        from training.dit_run import DitModels, sample_dit_images
+        from training.dit_run import DitModels
 
         fam = family(dit).for_config(cfg)
         models = DitModels(family=fam, pipe=fam.load(cfg.pretrained_model_name_or_path), source=cfg.pretrained_model_name_or_path)

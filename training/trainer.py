@@ -38,7 +38,7 @@ from training.errors import ConfigError, LoraSearchError
 from training import fast
 from training.devices import autocast, pick_device, pin, to_device
 from training.models import encode_captions, encode_tokens, load_models
-from training.sampling import load_prompts, preserved_rng, sample_images
+from training.sampling import load_prompts, preserved_rng, sample_dit_images, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -863,9 +863,7 @@ def _end_epoch(run: _Run, epoch: int, losses: Optional[list[float]] = None) -> E
 
 def _sample(run: _Run, epoch: int, step: Optional[int] = None) -> list[Path]:
     """Sample images with the LoRA as it is now (offloaded models on the device meanwhile)."""
-    sample = sample_images
-    if _is_dit(run):
-        from training.dit_run import sample_dit_images as sample
+    sample = sample_dit_images if _is_dit(run) else sample_images
     with fast.models_on(run.offloaded, run.device):
         return sample(run.cfg, run.models, epoch, run.device, run.autocast_dtype, step=step)
 
