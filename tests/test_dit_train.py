@@ -279,3 +279,16 @@ def test_an_sd3_folder_saved_without_t5_passes_the_check_and_trains(dataset, tmp
     assert check_model(cfg)[0] == "sd3"
     tensors = load_file(str(train(cfg).checkpoint))
     assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_uncached_latents_and_shuffled_captions_encode_every_step(name, dit_dirs, dataset, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="training.trainer")
+    result = train(dit_config(dit_dirs[name], dataset, tmp_path / "run", max_train_epochs=1, cache_latents=False,
+                              shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.5))
+    assert "shuffled captions are encoded every step" in caplog.text and result.steps == 4
+    tensors = load_file(str(result.checkpoint))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in tensors.items())
