@@ -42,7 +42,7 @@ WIDTH_HEADS = (4, 16)  # attention heads x head width of the transformer
 LAYERS = 4
 SAMPLING_SHIFT = 3.0  # SD3's own; measured: object 0.21 at 3.0, 0.08 at 1.0 (CFG 5, 16 steps)
 # T5 tokens after the 77 CLIP tokens: the model is trained and sampled with this many
-# (t5xxl_max_token_length in a training config); SD3's 256 would make every step 3x slower here.
+# (t5xxl_max_token_length in a training config); SD3's 256 would put 248 more tokens in every attention.
 T5_TOKENS = 8
 log = logging.getLogger("toyworld.build_dit")
 
@@ -190,7 +190,8 @@ def check(folder: Path, clip_folder: Path = ASSETS / "clip", count: int = 24,
 
     clip = load_clip(ClipSettings(model=f"local-dir:{clip_folder}", pretrained="", device="cpu"))
     prompts = probe.probe_scenes(count)
-    sampled = probe.accuracy(clip, probe.dit_samples(folder, [s.caption() for s in prompts], t5_tokens=T5_TOKENS), prompts)
+    images = probe.dit_samples(folder, [s.caption() for s in prompts], t5_tokens=T5_TOKENS)
+    sampled = probe.accuracy(clip, images, prompts)
     say(f"SD3 toy model samples, recognised by the toy CLIP: {sampled}")
     return sampled
 
