@@ -285,3 +285,16 @@ def test_training_loss_replays_from_the_rng_state_and_falls_as_the_lora_trains(n
         fixed_step_loss().backward()
         optimizer.step()
     assert fixed_step_loss().item() < 0.9 * before
+
+
+def test_sd3_samples_see_as_many_t5_tokens_as_training_encodes(tmp_path):
+    """``t5xxl_max_token_length`` sets the caption length of the cached conditioning and of the samples alike."""
+    pipe = build_tiny_sd3(tmp_path / "tok")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    for tokens in (256, 5):
+        fam = SD3Family(t5_max_length=tokens)
+        seen.clear()
+        fam.sample(pipe, "a photo of sks dog", width=32, height=32, steps=1, cfg_scale=1.0)
+        assert seen == [fam.encode_captions(pipe, ["a photo of sks dog"]).embeds.shape[1]] == [77 + tokens]

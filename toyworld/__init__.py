@@ -13,6 +13,7 @@ from training.errors import LoraSearchError
 
 ASSETS = Path(__file__).resolve().with_name("assets")
 MODEL = ASSETS / "model"
+SD3 = ASSETS / "sd3"  # the SD3 toy model (python -m toyworld.build_dit)
 CLIP = ASSETS / "clip"
 TRAIN = ASSETS / "data" / "train"
 REFERENCES = ASSETS / "data" / "references"

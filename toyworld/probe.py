@@ -90,6 +90,22 @@ def base_samples(model: str | Path, prompts: Sequence[str], steps: int = 16, sca
     return images
 
 
+def dit_samples(model: str | Path, prompts: Sequence[str], steps: int = 16, scale: float = 5.0,
+                seed: int = 0, t5_tokens: int = 256) -> list[Any]:
+    """One image per prompt from the SD3 model folder ``model``, loaded and sampled by the trainer's family
+    (with ``t5_tokens`` caption tokens of T5, as ``t5xxl_max_token_length`` sets them in training)."""
+    import torch
+
+    from training.dit import SD3Family
+
+    fam = SD3Family(t5_max_length=t5_tokens)
+    pipe = fam.load(model)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return [fam.sample(pipe, prompt, width=world.SIZE, height=world.SIZE, steps=steps, cfg_scale=scale,
+                           seed=seed + i) for i, prompt in enumerate(prompts)]
+
+
 def calibrate(clip: Any, references: Sequence[Any], style_images: Sequence[Any], seed: int = 321,
               count: int = 48) -> dict[str, dict[str, float]]:
     """Evaluator bounds for the toy CLIP, anchored the way the shipped ones are for ViT-L/14.

@@ -189,7 +189,11 @@ class DitFamily(ModelFamily):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         return pipe(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                     num_inference_steps=steps or defaults.steps, guidance_scale=guidance,
-                    generator=generator).images[0]
+                    generator=generator, **self.pipeline_caption_options()).images[0]
+
+    def pipeline_caption_options(self) -> dict[str, Any]:
+        """Keyword arguments that make the pipeline encode prompts as :meth:`encode_captions` does."""
+        return {}
 
     def metadata(self, model: Any) -> dict[str, str]:
         """The family's kohya ``ss_*`` metadata: base model version and the timestep sampling."""
@@ -238,6 +242,10 @@ class SD3Family(DitFamily):
                 prompt=list(captions), prompt_2=None, prompt_3=None, device=torch.device(device),
                 do_classifier_free_guidance=False, max_sequence_length=self.t5_max_length)
         return DitConditioning(embeds=embeds, pooled=pooled)
+
+    def pipeline_caption_options(self) -> dict[str, Any]:
+        # samples see as many T5 tokens as training did (sd-scripts samples with t5xxl_max_token_length too)
+        return {"max_sequence_length": self.t5_max_length}
 
     def velocity(self, model: Any, noisy: torch.Tensor, sigmas: torch.Tensor,
                  conditioning: DitConditioning) -> torch.Tensor:

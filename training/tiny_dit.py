@@ -67,14 +67,14 @@ def tiny_flow_vae(scaling: tuple[float, float], seed: int = 1):
     )
 
 
-def tiny_t5(seed: int = 4):
-    """A one-layer ``T5EncoderModel`` of width 64 and its tokenizer (letters, space, three specials)."""
+def tiny_t5(seed: int = 4, width: int = T5_DIM):
+    """A one-layer ``T5EncoderModel`` of ``width`` (64 unless given) and its tokenizer (letters, space, three specials)."""
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz▁"]
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(pieces), d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+    config = T5Config(vocab_size=len(pieces), d_model=width, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return T5EncoderModel(config).eval(), tokenizer
 
