@@ -8,6 +8,10 @@ one worker and a fixed sampler seed (so every run trains the same trials): the f
 the baseline, a deliberately unsafe trial rejected by the constraints, trials sampled by the shipped
 sampler and pruner and trained by the built-in trainer, every epoch sampled and scored by the CLIP
 evaluator, export of the best trial. Its last lines say which trial learned the character and by how much.
+
+``--model sd3`` runs the same study on the toy world's SD3 model (``toyworld/assets/sd3/``, an MMDiT
+trained with rectified flow): the shipped DiT base config (``configs/dit/base.toml``) and a DiT search
+space, trained by the built-in trainer's SD3 path.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ PROMPTS = (("grass", "left"), ("snow", "right"), ("sky", "top"), ("wood", "cente
 FIRST_GUESS = {"network_dim": 8, "network_alpha": 4, "network_dropout": 0.0, "learning_rate": 1e-4, "unet_lr": 1e-4,
                "text_encoder_lr": 5e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 100, "max_train_epochs": 4,
                "gradient_accumulation_steps": 2, "optimizer_type": "AdamW", "min_snr_gamma": 5.0}
+# The SD3 toy model's first guess: configs/dit/base.toml's recipe (lr 1e-4, cosine, effective batch 2,
+# 32-bit AdamW) at rank 16, alpha 8 for eight CPU epochs.
+FIRST_GUESS_SD3 = {"network_dim": 16, "network_alpha": 8, "network_dropout": 0.0, "learning_rate": 1e-4,
+                   "unet_lr": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 100, "max_train_epochs": 8,
+                   "gradient_accumulation_steps": 2, "optimizer_type": "AdamW", "weighting_scheme": "uniform"}
 # The first guess as the demo space's params (for enqueueing it, as tests do).
 SAFE_PARAMS = {"network_dim": 8, "network_alpha_ratio": 0.5, "learning_rate": 1e-4, "text_encoder_lr": 5e-5,
                "lr_scheduler": "cosine", "max_train_epochs": 4, "lr_warmup_steps": 100}
@@ -84,12 +93,52 @@ class DemoPaths:
         return self.root / "best.toml"
 
 
+# The SD3 demo's space: as DEMO_SPACE without the UNet's options (text_encoder_lr, min_snr_gamma), with the
+# flow-matching timestep sampling searched. Measured on the SD3 toy model (tests/test_toyworld_dit.py):
+# 3e-3 draws the character within 8 epochs, 3e-5 leaves the base model as it was.
+DEMO_SPACE_SD3 = {
+    "network_dim": {"choices": [8, 16, 256]},  # 256 for 6-8 epochs is refused (constraint 3)
+    "network_alpha_ratio": {"low": 0.25, "high": 0.7, "step": 0.05},
+    "network_dropout": {"value": 0.0},
+    "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+    "lr_scheduler": {"choices": ["cosine", "constant_with_warmup"]},
+    "max_train_epochs": {"choices": [6, 8]},
+    "optimizer_type": {"value": "AdamW"},
+    "gradient_accumulation_steps": {"value": 2},
+    "lr_warmup_steps": {"choices": [50, 100]},
+    "weighting_scheme": {"choices": ["uniform", "logit_normal"]},
+}
+SAFE_PARAMS_SD3 = {"network_dim": 16, "network_alpha_ratio": 0.5, "learning_rate": 1e-4, "lr_scheduler": "cosine",
+                   "max_train_epochs": 8, "lr_warmup_steps": 100, "weighting_scheme": "uniform"}
+
+
 def write_prompts(path: Path, steps: int = 16, scale: float = 5.0) -> None:
     """kohya-syntax prompts: the trigger word, a background and a position, one fixed seed each."""
     lines = [f"{{trigger}}, {bg} background, {pos} --w {world.SIZE} --h {world.SIZE} --d {i + 1} --s {steps} "
              f"--l {scale}" for i, (bg, pos) in enumerate(PROMPTS)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# the toy world's validation prompts\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def toy_sd3_base_config(paths: DemoPaths) -> dict:
+    """configs/dit/base.toml pointed at the SD3 toy model and the copied dataset, shrunk to CPU size
+    (float32, no fp8, no gradient checkpointing, 64 px, the toy T5's 8 tokens), with the first guess."""
+    from toyworld.build_dit import T5_TOKENS
+
+    base = tomllib.loads((REPO_CONFIGS / "dit" / "base.toml").read_text())
+    base["model"].update(pretrained_model_name_or_path=str(toyworld.SD3), fp8_base=False,
+                         t5xxl_max_token_length=T5_TOKENS)
+    base["dataset"].update(train_data_dir=str(paths.train), resolution=f"{world.SIZE},{world.SIZE}",
+                           enable_bucket=False, cache_latents=True, cache_latents_to_disk=True)
+    base["training"].update(train_batch_size=1, mixed_precision="no", gradient_checkpointing=False,
+                            max_data_loader_n_workers=0, save_precision="float")
+    base["saving"].update(output_dir=str(paths.root / "train"), output_name="toy", save_every_n_epochs=1,
+                          sample_every_n_epochs=1, sample_prompts=str(paths.configs / "prompts.txt"),
+                          metadata_trigger_phrase=TRIGGER)
+    for key, value in FIRST_GUESS_SD3.items():
+        section = next((sec for sec in base.values() if key in sec), base["training"])
+        section[key] = value
+    return base
 
 
 def toy_base_config(paths: DemoPaths, **overrides: object) -> dict:
@@ -128,12 +177,13 @@ def copy_dataset(paths: DemoPaths) -> None:
         shutil.copytree(source, target)
 
 
-def write_configs(paths: DemoPaths, n_trials: int) -> None:
+def write_configs(paths: DemoPaths, n_trials: int, model: str = "sd1") -> None:
     configs = paths.configs
     configs.mkdir(parents=True, exist_ok=True)
     write_prompts(configs / "prompts.txt")
-    (configs / "base.toml").write_text("# lora-search demo: the toy world, CPU\n" + tomli_w.dumps(toy_base_config(paths)))
-    (configs / "search_space.toml").write_text("# lora-search demo: scaled to CPU minutes\n" + tomli_w.dumps(DEMO_SPACE))
+    base, space = (toy_sd3_base_config(paths), DEMO_SPACE_SD3) if model == "sd3" else (toy_base_config(paths), DEMO_SPACE)
+    (configs / "base.toml").write_text(f"# lora-search demo: the toy world ({model}), CPU\n" + tomli_w.dumps(base))
+    (configs / "search_space.toml").write_text("# lora-search demo: scaled to CPU minutes\n" + tomli_w.dumps(space))
     (configs / "evaluator.toml").write_text(tomli_w.dumps(toy_evaluator_config(paths)))
     study = {
         "study": {"name": "demo", "n_trials": n_trials, "runs_dir": str(paths.root), "seed": 1,
@@ -142,32 +192,37 @@ def write_configs(paths: DemoPaths, n_trials: int) -> None:
         "backend": {"type": "builtin"},
         "scorer": {"type": "clip"},
     }
+    if model == "sd3":  # the VRAM estimate is for SD3.5 Large in float32; the toy transformer has 1 MB
+        study["study"]["gpu_memory_gb"] = 80
     paths.study_config.write_text("# lora-search demo study\n" + tomli_w.dumps(study))
 
 
-def prepare(root: Path, n_trials: int, say: Callable[[str], None]) -> DemoPaths:
+def prepare(root: Path, n_trials: int, say: Callable[[str], None], model: str = "sd1") -> DemoPaths:
     """Copy the toy world's dataset and write the demo configs (the models are read where they are)."""
     toyworld.require_assets()
     paths = DemoPaths(root)
-    say(f"toy world: model {toyworld.MODEL}, CLIP {toyworld.CLIP}")
+    say(f"toy world: model {toyworld.SD3 if model == 'sd3' else toyworld.MODEL}, CLIP {toyworld.CLIP}")
     say(f"copying the character's dataset (a pink star, trigger '{TRIGGER}') to {paths.train}")
     copy_dataset(paths)
-    write_configs(paths, n_trials)
+    write_configs(paths, n_trials, model)
     return paths
 
 
-def run_demo(root: Path, n_trials: int = 4, say: Callable[[str], None] = print) -> DemoPaths:
-    """Prepare, run the study in the foreground, export the best trial, say what was learned."""
+def run_demo(root: Path, n_trials: int = 4, say: Callable[[str], None] = print, model: str = "sd1") -> DemoPaths:
+    """Prepare, run the study in the foreground, export the best trial, say what was learned (``model``:
+    ``sd1`` the SD 1.x toy model, ``sd3`` the SD3 one)."""
     from search.export import export_trial
     from search.status import status_text
     from search.worker import Worker
 
-    paths = prepare(root, n_trials, say)
+    paths = prepare(root, n_trials, say, model)
     settings = load_settings(paths.study_config)
-    say(f"running study 'demo': {n_trials} trained trials on the CPU, the first guess (configs/base.toml) first")
+    shipped = "configs/dit/base.toml" if model == "sd3" else "configs/base.toml"
+    say(f"running study 'demo': {n_trials} trained trials on the CPU, the first guess ({shipped}) first")
     worker = Worker(settings, study=open_study(settings, seed_offset=0))  # one worker: the same trials every run
     if all(t.user_attrs.get("baseline") for t in worker.study.trials):
-        worker.study.enqueue_trial(UNSAFE_PARAMS)  # shows a constraint rejection
+        unsafe = {**SAFE_PARAMS_SD3, "network_dim": 256} if model == "sd3" else UNSAFE_PARAMS
+        worker.study.enqueue_trial(unsafe)  # shows a constraint rejection
     worker.run()
     say(status_text(worker.study, n_trials))
     export_trial(worker.study, worker.base, paths.export)

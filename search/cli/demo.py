@@ -17,6 +17,8 @@ def register(subparsers) -> None:
                     "toy CLIP, export of the best trial, and which trial learned the held-out character.")
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="demo folder (default: runs/demo)")
     parser.add_argument("--n-trials", type=int, default=4, help="trained trials (default: 4)")
+    parser.add_argument("--model", choices=("sd1", "sd3"), default="sd1",
+                        help="the toy world's SD 1.x model (default) or its SD3 model (MMDiT, rectified flow)")
     parser.set_defaults(func=run)
 
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     print("lora-search demo: a toy world of coloured shapes, with a small Stable Diffusion model and CLIP "
           "trained on it (toyworld/); the LoRA learns a pink star the model has never seen.")
-    paths = run_demo(Path(args.out), args.n_trials)
+    paths = run_demo(Path(args.out), args.n_trials, model=args.model)
     print(f"\nexported the best trial to {paths.export} (lora-search check {paths.export} validates it)")
     print(f"contact sheets:      {paths.root}/demo/trial_NNNN/contact_sheet_e*.png")
     print(f"open the dashboard:  lora-search dashboard --config {paths.study_config}")
