@@ -176,15 +176,21 @@ def make_unet():
         cross_attention_dim=TEXT_DIM)
 
 
+def clip_text_config(vocab_size: int, width: int, layers: int, heads: int):
+    """A CLIP text encoder config of ``width`` on SD 1.x's tokenizer (77 positions, its special tokens)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, projection_dim=width, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
 def make_text_encoder(vocab_size: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(3)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return CLIPTextModel(config)
+    return CLIPTextModel(clip_text_config(vocab_size, TEXT_DIM, layers=2, heads=4))
 
 
 def make_tokenizer(folder: Path):

@@ -71,14 +71,10 @@ def with_projection(text) -> torch.nn.Module:
 
 
 def second_text_encoder(vocab_size: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(11)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=CONTEXT_DIM_2, intermediate_size=4 * CONTEXT_DIM_2, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=CONTEXT_DIM_2, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return CLIPTextModelWithProjection(config).eval()
+    return CLIPTextModelWithProjection(build.clip_text_config(vocab_size, CONTEXT_DIM_2, layers=1, heads=2)).eval()
 
 
 def make_transformer(context_dim: int):
