@@ -246,6 +246,7 @@ def test_fp8_base_trains_in_bf16_and_saves_float32_lora(dit_dirs, dataset, tmp_p
     ("zimage", {"clip_l": "clip_l.safetensors"}, "applies to SD3 models only"),
     ("sd3", {"fp8_base": True}, 'set mixed_precision = "bf16"'),
     ("zimage", {"torch_compile": True}, "runs the zimage transformer uncompiled"),
+    ("sd3", {"full_bf16": True, "mixed_precision": "bf16"}, "keeps sd3 LoRA weights in float32"),
 ])
 def test_options_a_dit_run_would_ignore_are_refused_before_anything_is_written(name, overrides, message, dit_dirs,
                                                                                dataset, tmp_path):

@@ -131,7 +131,8 @@ def place_dit_models(models: DitModels, device: torch.device, weight_dtype: torc
     transformer.train()
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    for module, where, dtype in [(models.vae, device, vae_dtype)] + [(e, "cpu", weight_dtype) for e in models.text_encoders]:
+    placements = [(models.vae, device, vae_dtype)] + [(e, "cpu", weight_dtype) for e in models.text_encoders]
+    for module, where, dtype in placements:
         if next(module.parameters()).dtype != dtype:
             module.to(dtype=dtype)
         module.to(where).eval()

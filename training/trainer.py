@@ -283,6 +283,9 @@ def _check_supported(cfg: TrainingConfig) -> Optional[str]:
         raise ConfigError('mixed_precision = "fp16" needs a CUDA GPU; use "bf16" or "no" on this machine')
     if dit is not None and (cfg.fp8_base or cfg.fp8_base_unet) and cfg.mixed_precision == "no":
         raise ConfigError('fp8_base: weights stored in fp8 compute in bf16 or fp16; set mixed_precision = "bf16"')
+    if dit is not None and cfg.full_bf16:
+        raise ConfigError(f"full_bf16 = true: the built-in trainer keeps {dit} LoRA weights in float32 (bf16 "
+                          "compute comes from mixed_precision); remove it")
     if dit is not None and cfg.torch_compile:
         raise ConfigError(f"torch_compile = true: the built-in trainer runs the {dit} transformer uncompiled; "
                           "remove it")
