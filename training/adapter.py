@@ -22,6 +22,7 @@ from torch import nn
 
 from training.dit import DitFamily
 from training.errors import LoraSearchError
+from training.network import read_lora_file
 
 
 class TrainingAdapter:
@@ -30,7 +31,7 @@ class TrainingAdapter:
     def __init__(self, transformer: nn.Module, family: DitFamily, path: str | Path):
         self.transformer = transformer
         self.path = Path(path)
-        self.entries = family.read_file_state_dict(_read(self.path))
+        self.entries = family.read_file_state_dict(read_lora_file(self.path, "training_adapter"))
         if not self.entries:
             raise LoraSearchError(f"training_adapter {self.path}: no {family.name} LoRA keys "
                                   f"({family.file_format.prefix}...lora_A.weight) found; "
@@ -83,13 +84,3 @@ def _base_linear(module: Any) -> Any:
     module = getattr(module, "base_layer", module)
     return module if isinstance(module, nn.Linear) else None
 
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise LoraSearchError(f"training_adapter {path}: no such file; check the path")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for a torn file
-        raise LoraSearchError(f"training_adapter {path}: not a readable safetensors file ({exc}); check it") from None

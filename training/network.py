@@ -216,17 +216,17 @@ def write_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata
     return atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of the LoRA file ``network_weights`` names; a missing or torn file is one clear error."""
+def read_lora_file(path: str | Path, key: str = "network_weights") -> dict[str, torch.Tensor]:
+    """The tensors of the LoRA file the config's ``key`` names; a missing or torn file is one clear error."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise LoraSearchError(f"network_weights {path}: no such file; check the path")
+        raise LoraSearchError(f"{key} {path}: no such file; check the path")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a torn file
-        raise LoraSearchError(f"network_weights {path}: not a readable safetensors file ({exc}); check it") from None
+        raise LoraSearchError(f"{key} {path}: not a readable safetensors file ({exc}); check it") from None
 
 
 def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
