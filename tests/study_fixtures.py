@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 import tomli_w
+
+from search.scoring import CheckpointScorer, EpochScore
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().parent / "fake"
@@ -102,3 +105,20 @@ def make_dit_project(root: Path, model: Path, backend: str = "builtin", script: 
         study["backend"]["command"][1] = str(FAKE / script)
     study_path.write_text(tomli_w.dumps(study))
     return study_path
+
+
+class SheetScorer(CheckpointScorer):
+    """A scorer (the fake command scorer) that also reports a contact sheet per epoch, as the CLIP scorer
+    does, and ``components(epoch)`` when given (else the inner scorer's components)."""
+
+    def __init__(self, inner: CheckpointScorer, components: Callable[[int], dict[str, float]] | None = None):
+        self.inner, self.components = inner, components
+
+    def score(self, run_dir, config_path, epoch, checkpoint) -> EpochScore:
+        from PIL import Image
+
+        result = self.inner.score(run_dir, config_path, epoch, checkpoint)
+        sheet = run_dir / f"contact_sheet_e{epoch}.png"
+        Image.new("RGB", (8, 8), (0, 0, 50 * epoch % 256)).save(sheet)
+        components = result.components if self.components is None else self.components(epoch)
+        return EpochScore(epoch, result.total, components, [sheet])

@@ -12,25 +12,12 @@ from PIL import Image
 
 from search.curves import plot_curves, plot_scores, read_scalars
 from search.dashboard import make_dashboard_server
-from search.scoring import CheckpointScorer, EpochScore, make_scorer
+from search.scoring import make_scorer
 from search.settings import load_settings
 from search.worker import Worker
-from study_fixtures import make_project
+from study_fixtures import SheetScorer, make_project
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-class ComponentScorer(CheckpointScorer):
-    """The fake command scorer with two components and a contact sheet, as the CLIP scorer reports."""
-
-    def __init__(self, inner: CheckpointScorer):
-        self.inner = inner
-
-    def score(self, run_dir, config_path, epoch, checkpoint) -> EpochScore:
-        result = self.inner.score(run_dir, config_path, epoch, checkpoint)
-        sheet = run_dir / f"contact_sheet_e{epoch}.png"
-        Image.new("RGB", (16, 8), (200, 40 * epoch, 0)).save(sheet)
-        return EpochScore(epoch, result.total, {"identity": 0.1 * epoch, "style": 0.5}, [sheet])
 
 
 @pytest.fixture
@@ -39,7 +26,7 @@ def trained(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FAKE_TB", "1")
     settings = load_settings(make_project(tmp_path, n_trials=1, epochs_choices=(3,)))
-    worker = Worker(settings, scorer=ComponentScorer(make_scorer(settings)))
+    worker = Worker(settings, scorer=SheetScorer(make_scorer(settings), lambda epoch: {"identity": 0.1 * epoch, "style": 0.5}))
     worker.run()
     trial = next(t for t in worker.study.get_trials() if t.value is not None)
     return settings, worker.study, trial

@@ -11,14 +11,13 @@ import urllib.request
 import optuna
 import pytest
 from optuna.artifacts import get_all_artifact_meta
-from PIL import Image
 
 from search.cli import main
 from search.dashboard import DashboardError, artifact_dir, is_loopback, make_dashboard_server
-from search.scoring import CheckpointScorer, EpochScore, make_scorer
+from search.scoring import make_scorer
 from search.settings import load_settings
 from search.worker import Worker
-from study_fixtures import make_project
+from study_fixtures import SheetScorer, make_project
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -27,19 +26,6 @@ def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         return response.read()
-
-
-class SheetScorer(CheckpointScorer):
-    """The fake command scorer plus a contact sheet per epoch, uploaded by the worker like the CLIP scorer's."""
-
-    def __init__(self, inner: CheckpointScorer):
-        self.inner = inner
-
-    def score(self, run_dir, config_path, epoch, checkpoint) -> EpochScore:
-        result = self.inner.score(run_dir, config_path, epoch, checkpoint)
-        sheet = run_dir / f"contact_sheet_e{epoch}.png"
-        Image.new("RGB", (8, 8), (epoch * 40 % 256, 0, 0)).save(sheet)
-        return EpochScore(result.epoch, result.total, result.components, [sheet])
 
 
 @pytest.fixture

@@ -10,31 +10,17 @@ import urllib.request
 import optuna
 import pytest
 import tomli_w
-from PIL import Image
-from study_fixtures import make_project
+from study_fixtures import SheetScorer, make_project
 
 from search.cli import main
 from search.dashboard import make_dashboard_server
 from search.ratings import compare_name, judgements, ratings_name
-from search.scoring import CheckpointScorer, EpochScore, make_scorer
+from search.scoring import make_scorer
 from search.settings import load_settings
 from search.study import open_study
 from search.worker import Worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-class SheetScorer(CheckpointScorer):
-    """The fake command scorer plus a contact sheet per epoch, as the CLIP scorer reports."""
-
-    def __init__(self, inner: CheckpointScorer):
-        self.inner = inner
-
-    def score(self, run_dir, config_path, epoch, checkpoint) -> EpochScore:
-        result = self.inner.score(run_dir, config_path, epoch, checkpoint)
-        sheet = run_dir / f"contact_sheet_e{epoch}.png"
-        Image.new("RGB", (8, 8), (0, 0, 50 * epoch)).save(sheet)
-        return EpochScore(result.epoch, result.total, {}, [sheet])
 
 
 @pytest.fixture
