@@ -41,37 +41,20 @@ from pathlib import Path
 import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE = REPO / "tests" / "fake"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the stand-in sd-scripts and the project builder of the study tests
 
 
 def kohya_project(root: Path, storage: str, trials: int, epochs: int) -> Path:
-    """A study on the stand-in sd-scripts: the repo's configs with the toy model and dataset as inputs."""
+    """A study on the stand-in sd-scripts (the tests' project builder: the repo's configs with the toy
+    model and dataset as inputs), retried without limit."""
     import tomllib
 
-    import toyworld
+    from study_fixtures import make_project
 
-    configs = root / "configs"
-    configs.mkdir(parents=True)
-    base = tomllib.loads((REPO / "configs" / "base.toml").read_text())
-    base["model"]["pretrained_model_name_or_path"] = str(toyworld.MODEL)
-    base["dataset"]["train_data_dir"] = str(toyworld.TRAIN)
-    base["saving"].update(save_every_n_epochs=1, save_state=True,
-                          sample_prompts=str(REPO / "prompts" / "character.txt"))
-    (configs / "base.toml").write_text(tomli_w.dumps(base))
-    space = tomllib.loads((REPO / "configs" / "search_space.toml").read_text())
-    space["max_train_epochs"] = {"choices": [epochs]}
-    (configs / "search_space.toml").write_text(tomli_w.dumps(space))
-    study = {
-        "study": {"name": "storm", "storage": storage, "n_trials": trials, "seed": 3, "runs_dir": str(root / "runs"),
-                  "base_config": str(configs / "base.toml"), "search_space": str(configs / "search_space.toml"),
-                  "heartbeat_interval": 2, "grace_period": 6, "max_retry": 1000},
-        "pruner": {"type": "none"},
-        "backend": {"type": "kohya", "poll_seconds": 0.05,
-                    "command": [sys.executable, str(FAKE / "train_network.py"), "--config_file", "{config}"]},
-        "scorer": {"type": "command", "command": [sys.executable, str(FAKE / "score.py"), "{config}", "{epoch}"]},
-    }
-    path = configs / "study.toml"
+    path = make_project(root, n_trials=trials, storage=storage, name="storm", epochs_choices=(epochs,))
+    study = tomllib.loads(path.read_text())
+    study["study"].update(seed=3, max_retry=1000)
     path.write_text(tomli_w.dumps(study))
     return path
 
