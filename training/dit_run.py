@@ -39,9 +39,7 @@ class DitModels:
 
     family: DitFamily
     pipe: Any
-    source: str
     adapter: Any = None  # training.adapter.TrainingAdapter, merged into the transformer
-    is_sdxl: bool = False  # for code that asks every model family
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -71,7 +69,7 @@ def load_dit_models(cfg: TrainingConfig, name: str, compute_dtype: Optional[torc
     """
     fam = family(name).for_config(cfg)
     pipe = fam.load(cfg.pretrained_model_name_or_path, compute_dtype or torch.float32)
-    models = DitModels(family=fam, pipe=pipe, source=cfg.pretrained_model_name_or_path)
+    models = DitModels(family=fam, pipe=pipe)
     if cfg.training_adapter:
         from training.adapter import TrainingAdapter
 

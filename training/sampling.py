@@ -260,7 +260,7 @@ def generate_samples(cfg: TrainingConfig, lora_path: str | Path, epoch: int,
         from training.dit_run import DitModels
 
         fam = family(dit).for_config(cfg)
-        models = DitModels(family=fam, pipe=fam.load(cfg.pretrained_model_name_or_path), source=cfg.pretrained_model_name_or_path)
+        models = DitModels(family=fam, pipe=fam.load(cfg.pretrained_model_name_or_path))
         models.pipe.load_lora_weights(str(lora_path))
         models.pipe.to(device)
         return sample_dit_images(cfg, models, epoch, device, step=step)
